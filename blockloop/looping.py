@@ -1,0 +1,292 @@
+"""The looping mechanism: which blocks loop, how they iterate, and what is recorded.
+
+Everything that makes a looped transformer different from a plain one lives here, written to
+read like its definition. Let `R` be a looped unit: the whole range of blocks `c-r .. c+r`
+(tied looping) or one block of it (untied: each block of the range iterates on its own, in index
+order). Let `x0` be the input to `R`. Then
+
+    s0 = x0 + sigma * eps            eps ~ N(0, I); training only (or `loop_noise_in_eval`)
+    u1 = s0
+    ut = s(t-1)                      injection "none"
+         s(t-1) + x0                 injection "add"
+         A([s(t-1) ; x0])            injection "concat", t >= 2
+    st = R(ut)                       t = 1 .. T, the output is sT
+
+`A` is affine in `[s(t-1); x0]`; it is parametrised residually as `A(z) = s(t-1) + W z + b` with
+`W`, `b` starting at zero, so a fresh adapter passes `s(t-1)` through exactly, and weight decay
+pulls it back towards pass-through rather than towards zero (which would erase the state).
+
+Automatic exit: after computing st for t >= 2, `delta_t` is the mean over tokens of
+`||st - s(t-1)|| / (||s(t-1)|| + 1e-6)` (L2 over channels), per sequence. A sequence stops at the
+first t with `delta_t < threshold` and keeps `st` while the others go on; only the sequences still
+iterating are computed, so a sequence's output does not depend on the rest of its batch. Exit is
+on in eval mode and generation when `automatic_loop_exit` is set; in training only with
+`automatic_loop_exit_in_training`.
+
+Training options: `loop_sampling` draws the iteration count of a training step (`sample_num_loops`,
+seeded by the step so all DDP ranks agree); `loop_backprop_depth = k > 0` runs all but the last k
+iterations without building a graph; `loop_checkpointing` recomputes each iteration's activations
+in the backward pass instead of storing them.
+
+Trace layout (`GPT.last_loop_trace`, only with `loops_representation=True`): a `LoopTrace` whose
+`units` list has one `UnitTrace` per looped unit, in execution order, each holding
+  - `blocks`: the block indices the unit covers,
+  - `states`: float tensor (T+1, B, L, C), detached; `states[t]` is s_t (s_0 = the noised input).
+    A sequence that exited at iteration e keeps `states[t] = s_e` for t > e,
+  - `deltas`: float tensor (T, B); `deltas[t-1]` is delta_t (also for t = 1, for analysis);
+    NaN for iterations a sequence did not run,
+  - `iterations`: int64 tensor (B,), iterations each sequence ran.
+`GPT.last_loop_iterations` holds the per-unit `iterations` tensors even with tracing off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+INJECTION_MODES = ("none", "add", "concat")
+LOOP_SAMPLING_MODES = ("fixed", "poisson_lognormal", "uniform")
+# Spread of the log-normal rate in Poisson-lognormal sampling (the recurrent-depth recipe's 0.5).
+POISSON_LOGNORMAL_SIGMA = 0.5
+# Draws are capped so one heavy-tailed step cannot take minutes; the cap moves the mean by well
+# under 1% at sigma 0.5.
+SAMPLED_LOOPS_CAP_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """The looped range `[start, stop)` and how it is split into looped units."""
+
+    start: int
+    stop: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "LoopPlan | None":
+        if config.loop_center_idx < 0:
+            return None
+        return cls(
+            start=config.loop_center_idx - config.loop_radius,
+            stop=config.loop_center_idx + config.loop_radius + 1,
+            tied=config.tied_looping,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def units(self) -> list[tuple[int, ...]]:
+        blocks = tuple(range(self.start, self.stop))
+        return [blocks] if self.tied else [(i,) for i in blocks]
+
+
+@dataclass
+class UnitTrace:
+    blocks: tuple[int, ...]
+    states: torch.Tensor
+    deltas: torch.Tensor
+    iterations: torch.Tensor
+
+
+@dataclass
+class LoopTrace:
+    units: list[UnitTrace] = field(default_factory=list)
+
+
+class ConcatAdapter(nn.Module):
+    """A([s; x0]) = s + W [s; x0] + b, zero-initialised: exactly pass-through at the start."""
+
+    def __init__(self, n_embd: int, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(2 * n_embd, n_embd, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, state, x0):
+        return state + self.proj(torch.cat([state, x0], dim=-1))
+
+
+def relative_change(new, old):
+    """delta per sequence: mean over tokens of ||new - old|| / (||old|| + 1e-6)."""
+    return ((new - old).norm(dim=-1) / (old.norm(dim=-1) + 1e-6)).mean(dim=-1)
+
+
+def sample_num_loops(config, generator: torch.Generator) -> int:
+    """The iteration count for one training step, with mean `max_loops`.
+
+    "poisson_lognormal": 1 + Poisson(exp(tau)), tau ~ N(log(max_loops - 1) - sigma^2/2, sigma).
+    "uniform": uniform over 1 .. 2*max_loops - 1. "fixed": max_loops. Both random draws are
+    capped at SAMPLED_LOOPS_CAP_FACTOR * max_loops.
+    """
+    mean = config.max_loops
+    if config.loop_sampling == "fixed" or mean == 1:
+        return mean
+    cap = SAMPLED_LOOPS_CAP_FACTOR * mean
+    if config.loop_sampling == "uniform":
+        return int(torch.randint(1, 2 * mean, (1,), generator=generator).item())
+    sigma = POISSON_LOGNORMAL_SIGMA
+    tau = torch.normal(
+        math.log(mean - 1) - sigma**2 / 2, sigma, (1,), generator=generator
+    )
+    draw = torch.poisson(tau.exp(), generator=generator)
+    return int(min(1 + draw.item(), cap))
+
+
+class LoopRunner(nn.Module):
+    """Runs the looped range of a block stack; owns the concat adapters (one per looped unit)."""
+
+    def __init__(self, config, plan: LoopPlan):
+        super().__init__()
+        self.plan = plan
+        self.max_loops = config.max_loops
+        self.injection = config.injection_mode
+        self.noise_scale = config.loop_noise_scale
+        self.noise_in_eval = config.loop_noise_in_eval
+        self.exit_enabled = config.automatic_loop_exit
+        self.exit_in_training = config.automatic_loop_exit_in_training
+        self.exit_threshold = config.automatic_loop_exit_threshold
+        self.record = config.loops_representation
+        self.backprop_depth = config.loop_backprop_depth
+        self.activation_checkpointing = config.loop_checkpointing
+        # Adapters only exist where they are used: "concat" with more than one iteration.
+        if self.injection == "concat" and config.max_loops > 1:
+            self.adapters = nn.ModuleList(
+                ConcatAdapter(config.n_embd, config.bias) for _ in plan.units
+            )
+        else:
+            self.adapters = None
+
+    def reset_adapters(self) -> None:
+        if self.adapters is not None:
+            for adapter in self.adapters:
+                adapter.reset_parameters()
+
+    def adapter_params_per_unit(self) -> int:
+        if self.adapters is None:
+            return 0
+        return sum(p.numel() for p in self.adapters[0].parameters())
+
+    def forward(
+        self,
+        x,
+        blocks: nn.ModuleList,
+        num_loops: int | None = None,
+        loop_exit: bool | None = None,
+        exit_threshold: float | None = None,
+        kv_caches=None,
+    ):
+        """Returns (output, iterations per unit, LoopTrace or None)."""
+        num_loops = self.max_loops if num_loops is None else int(num_loops)
+        if num_loops < 1:
+            raise ValueError(f"num_loops={num_loops}: must be >= 1")
+        if num_loops > 1 and self.injection == "concat" and self.adapters is None:
+            raise ValueError(
+                "this model was built with max_loops=1 and 'concat' injection, so it has no "
+                "adapters and cannot run more than one iteration"
+            )
+        if loop_exit is None:
+            loop_exit = self.exit_enabled and (not self.training or self.exit_in_training)
+        threshold = None
+        if loop_exit:
+            threshold = self.exit_threshold if exit_threshold is None else exit_threshold
+        trace = LoopTrace() if self.record else None
+        iterations = []
+        for u, unit in enumerate(self.plan.units):
+            unit_blocks = [blocks[i] for i in unit]
+            adapter = self.adapters[u] if self.adapters is not None else None
+            x, used, unit_trace = self._run_unit(
+                x, unit, unit_blocks, adapter, num_loops, threshold, kv_caches
+            )
+            iterations.append(used)
+            if trace is not None:
+                trace.units.append(unit_trace)
+        return x, iterations, trace
+
+    def _inject(self, state, x0, adapter):
+        if self.injection == "none":
+            return state
+        if self.injection == "add":
+            return state + x0
+        return adapter(state, x0)
+
+    def _apply_unit(self, u, unit, unit_blocks, t, kv_caches):
+        if kv_caches is None:
+            for block in unit_blocks:
+                u = block(u)
+            return u
+        for i, block in zip(unit, unit_blocks):
+            u = block(u, kv_caches.get(i, t))
+        return u
+
+    def _step(self, state, x0, t, unit, unit_blocks, adapter, kv_caches):
+        """One iteration: s_t = R(u_t)."""
+        u = state if t == 1 else self._inject(state, x0, adapter)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(
+                self._apply_unit, u, unit, unit_blocks, t, kv_caches, use_reentrant=False
+            )
+        return self._apply_unit(u, unit, unit_blocks, t, kv_caches)
+
+    def _run_unit(self, x0, unit, unit_blocks, adapter, num_loops, threshold, kv_caches):
+        batch = x0.shape[0]
+        noisy = self.noise_scale > 0 and (self.training or self.noise_in_eval)
+        state = x0 + self.noise_scale * torch.randn_like(x0) if noisy else x0
+        iterations = torch.full((batch,), num_loops, dtype=torch.long, device=x0.device)
+        record = self.record
+        need_delta = record or threshold is not None
+        states = [state.detach()] if record else None
+        deltas = [] if record else None
+        # Iterations up to `no_grad_until` build no graph (truncated backprop).
+        no_grad_until = 0
+        if self.backprop_depth > 0 and self.training:
+            no_grad_until = max(num_loops - self.backprop_depth, 0)
+        active = None  # indices of sequences still iterating; None means all of them
+        for t in range(1, num_loops + 1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t > no_grad_until):
+                if active is None:
+                    new_state = self._step(state, x0, t, unit, unit_blocks, adapter, kv_caches)
+                    delta = relative_change(new_state, state) if need_delta else None
+                else:
+                    new_sub = self._step(
+                        state[active], x0[active], t, unit, unit_blocks, adapter, kv_caches
+                    )
+                    delta_sub = relative_change(new_sub, state[active]) if need_delta else None
+                    new_state = state.index_copy(0, active, new_sub)
+                    if need_delta:
+                        delta = torch.full((batch,), float("nan"), device=x0.device)
+                        delta[active] = delta_sub.detach().to(delta.dtype)
+            state = new_state
+            if record:
+                states.append(state.detach())
+                deltas.append(delta.detach().float())
+            if threshold is not None and t >= 2 and t < num_loops:
+                still = torch.arange(batch, device=x0.device) if active is None else active
+                converged = delta[still] < threshold
+                if bool(converged.any()):
+                    iterations[still[converged]] = t
+                    active = still[~converged]
+                    if active.numel() == 0:
+                        break
+        if record:
+            # Sequences (or the whole batch) that stopped keep their state for the rest.
+            while len(states) < num_loops + 1:
+                states.append(state.detach())
+                deltas.append(torch.full((batch,), float("nan"), device=x0.device))
+            unit_trace = UnitTrace(
+                blocks=unit,
+                states=torch.stack(states),
+                deltas=torch.stack(deltas),
+                iterations=iterations.clone(),
+            )
+        else:
+            unit_trace = None
+        return state, iterations, unit_trace
