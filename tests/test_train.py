@@ -1,0 +1,144 @@
+"""Training: schedule, logs, checkpoints, exact resume, nanoGPT checkpoint import."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from blockloop.checkpoint import load_checkpoint
+from blockloop.config import ConfigError, parse_train_args
+from blockloop.model import GPT, GPTConfig
+from blockloop.pretrained import from_nanogpt_checkpoint
+from blockloop.train import get_lr, train
+from tests import reference
+
+
+def write_token_dataset(root, vocab=11, train_tokens=4000, val_tokens=600, seed=0):
+    """A tiny dataset in the on-disk format (docs/CONTRACTS.md): a noisy repeating pattern."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        base = np.arange(n) % (vocab - 1)
+        noise = rng.integers(0, vocab, n)
+        ids = np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
+        ids.tofile(root / f"{split}.bin")
+    itos = [chr(ord("a") + i) for i in range(vocab)]
+    meta = {"format": "blockloop-tokens-v1", "dataset": "tiny", "vocab_size": vocab, "dtype": "uint16",
+            "tokenizer": {"kind": "char", "itos": itos}, "source": "test",
+            "train_tokens": train_tokens, "val_tokens": val_tokens}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--dataset=tiny", "--batch_size=4",
+            "--block_size=16", "--n_layer=2", "--n_head=2", "--n_embd=16", "--eval_iters=2",
+            "--eval_interval=4", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=2",
+            "--lr_decay_iters=12", "--min_lr=3e-4", "--gradient_accumulation_steps=2",
+            "--progress=False", "--device=cpu", *extra]
+
+
+def run(args):
+    cfg, model = parse_train_args(args)
+    return train(cfg, model, log=lambda *a: None)
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_cosine_and_degenerate_decay():
+    cfg, _ = parse_train_args(["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10", "--lr_decay_iters=110"])
+    assert get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert get_lr(10, cfg) == pytest.approx(1.0)
+    assert get_lr(60, cfg) == pytest.approx(0.1 + 0.5 * 0.9)
+    assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
+    same, _ = parse_train_args(["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10", "--lr_decay_iters=10"])
+    assert [get_lr(i, same) for i in (9, 10, 11)] == pytest.approx([10 / 11, 0.1, 0.1])
+
+
+def test_training_writes_logs_checkpoints_and_learns(tmp_path):
+    data = write_token_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    result = run(tiny_args(data, out, "--max_iters=12", "--loop_center_idx=1", "--max_loops=2", "--eval_loops=1,3"))
+    records = read_metrics(out)
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [r["iter"] for r in evals] == [0, 4, 8, 12]
+    assert [r["iter"] for r in trains] == list(range(12))
+    assert {"val_loss@1", "val_loss@3", "train_loss"} <= set(evals[-1])
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert trains[-1]["train_flops"] > 0 and trains[-1]["loops"] == 2
+    assert result.best_val_loss == min(r["val_loss"] for r in evals)
+    best = load_checkpoint(out / "best.pt")
+    assert best["best_val_loss"] == pytest.approx(result.best_val_loss)
+    last = load_checkpoint(out / "last.pt")
+    assert last["iter_num"] == 12
+    assert GPTConfig(**last["model_config"]).max_loops == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["max_iters"] == 12 and saved["model"]["loop_center_idx"] == 1
+
+
+@pytest.mark.parametrize("extra", [(), ("--loop_center_idx=1", "--max_loops=3", "--loop_sampling=uniform", "--dropout=0.1", "--loop_noise_scale=0.1")])
+def test_resume_continues_bit_for_bit(tmp_path, extra):
+    data = write_token_dataset(tmp_path / "data")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(tiny_args(data, straight, "--max_iters=12", *extra))
+    run(tiny_args(data, split, "--max_iters=8", *extra))
+    run(tiny_args(data, split, "--max_iters=12", "--init_from=resume", *extra))
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    losses = lambda d: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in read_metrics(d)]
+    assert losses(straight) == losses(split)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    data = write_token_dataset(tmp_path / "data")
+    with pytest.raises(ConfigError, match="last.pt"):
+        run(tiny_args(data, tmp_path / "none", "--init_from=resume"))
+
+
+def test_block_size_larger_than_data_is_refused_before_training(tmp_path):
+    data = write_token_dataset(tmp_path / "data", val_tokens=10)
+    with pytest.raises(ValueError, match="val.bin"):
+        run(tiny_args(data, tmp_path / "out", "--max_iters=2"))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_nanogpt_checkpoint_loads_with_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    args = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=23, dropout=0.0)
+    source = GPT(GPTConfig(**args)).eval()
+    # nanoGPT's train.py saves the compiled model's state dict (prefix `_orig_mod.`); old
+    # versions also stored the causal mask as `attn.bias` buffers.
+    state = {"_orig_mod." + k: v for k, v in source.state_dict().items()}
+    for i in range(2):
+        state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+    torch.save({"model": state, "model_args": args, "iter_num": 100, "best_val_loss": torch.tensor(1.5),
+                "config": {"dataset": "shakespeare_char"}}, tmp_path / "ckpt.pt")
+    loaded = from_nanogpt_checkpoint(tmp_path / "ckpt.pt").eval()
+    idx = torch.randint(0, 23, (2, 16))
+    got, _ = loaded(idx, idx)
+    torch.testing.assert_close(got, source(idx, idx)[0], atol=0, rtol=0)
+    ref = reference.forward(idx, source.state_dict(), 2, [0, 1])
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+    # Loop the pretrained stack: weights identical, behaviour now looped.
+    looped = from_nanogpt_checkpoint(tmp_path / "ckpt.pt", loop_center_idx=1, max_loops=3).eval()
+    ref_looped = reference.forward(idx, source.state_dict(), 2, [0, 1, 1, 1])
+    torch.testing.assert_close(looped(idx, idx)[0].double(), ref_looped, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="n_layer"):
+        from_nanogpt_checkpoint(tmp_path / "ckpt.pt", n_layer=4)
+
+
+def test_synthetic_task_training_logs_accuracy(tmp_path):
+    out = tmp_path / "task"
+    run(["--dataset=phop", "--phop_n=8", "--phop_hops=1", f"--out_dir={out}", "--batch_size=8",
+         "--block_size=9", "--n_layer=1", "--n_head=2", "--n_embd=16", "--max_iters=4",
+         "--eval_interval=2", "--eval_iters=2", "--task_eval_size=32", "--progress=False",
+         "--gradient_accumulation_steps=1", "--device=cpu"])
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in evals)
+    assert all(math.isfinite(r["val_loss"]) for r in evals)
