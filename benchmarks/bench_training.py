@@ -1,0 +1,236 @@
+"""Training benchmarks: throughput, loop-aware MFU, loop overhead, memory, compile, CPU bf16.
+
+Timings on a shared machine are noisy, so every comparison is paired: the contenders run
+alternately in one process, many rounds, and we report medians and their ratio. Absolute
+numbers are only meaningful on a GPU (or a quiet machine) and are labelled as such.
+
+    python benchmarks/bench_training.py [--quick] [--nanogpt_dir DIR] [--json OUT]
+
+`--nanogpt_dir` points at a checkout of karpathy/nanoGPT (not shipped with blockloop); its
+`model.py` is imported from there to time nanoGPT's training step on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blockloop.model import GPT, GPTConfig  # noqa: E402
+
+BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False, dropout=0.0)
+BABY_BATCH = 12
+SHAKESPEARE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False, dropout=0.0)
+SHAKESPEARE_BATCH = 64
+
+
+def measure_peak_flops(dtype=torch.float32, n=2048, repeats=5) -> float:
+    """FLOP/s of the best of several large square matmuls: the peak MFU is measured against."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def make_step(model, batch, block_size, vocab, autocast_dtype=None):
+    """A closure running one optimiser step of `model` on fixed random tokens."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, block_size), generator=g)
+    y = torch.randint(0, vocab, (batch, block_size), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    def step():
+        with ctx:
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def paired_times(steps: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each step, called alternately so load drifts hit all alike."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def load_nanogpt(nanogpt_dir: str):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(nanogpt_dir) / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_vs_nanogpt(nanogpt_dir, config, batch, rounds) -> dict:
+    nano = load_nanogpt(nanogpt_dir)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**config))
+    nano_model = nano.GPT(nano.GPTConfig(**config))
+    med = paired_times(
+        {
+            "blockloop": make_step(ours, batch, config["block_size"], config["vocab_size"]),
+            "nanogpt": make_step(nano_model, batch, config["block_size"], config["vocab_size"]),
+        },
+        rounds,
+    )
+    tokens = batch * config["block_size"]
+    return {
+        "blockloop_ms": med["blockloop"] * 1e3,
+        "nanogpt_ms": med["nanogpt"] * 1e3,
+        "speedup_vs_nanogpt": med["nanogpt"] / med["blockloop"],
+        "blockloop_tokens_per_s": tokens / med["blockloop"],
+    }
+
+
+def bench_loop_overhead(rounds) -> dict:
+    """A block looped to effective depth D against a plain D-layer model of the same width."""
+    base = dict(BABY)
+    torch.manual_seed(0)
+    looped = GPT(GPTConfig(**{**base, "n_layer": 2, "loop_center_idx": 1, "max_loops": 3}))
+    plain = GPT(GPTConfig(**{**base, "n_layer": 4}))
+    traced = GPT(GPTConfig(**{**base, "n_layer": 2, "loop_center_idx": 1, "max_loops": 3, "loops_representation": True}))
+    med = paired_times(
+        {
+            "looped_depth4": make_step(looped, BABY_BATCH, 64, 65),
+            "plain_depth4": make_step(plain, BABY_BATCH, 64, 65),
+            "looped_depth4_traced": make_step(traced, BABY_BATCH, 64, 65),
+        },
+        rounds,
+    )
+    return {
+        "looped_ms": med["looped_depth4"] * 1e3,
+        "plain_ms": med["plain_depth4"] * 1e3,
+        "looped_over_plain": med["looped_depth4"] / med["plain_depth4"],
+        "trace_on_over_off": med["looped_depth4_traced"] / med["looped_depth4"],
+    }
+
+
+def saved_activation_bytes(model, x, y) -> int:
+    """Bytes of tensors autograd keeps for the backward pass (what grows with iterations)."""
+    total = 0
+    seen = set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    loss.backward()
+    return total
+
+
+def bench_memory(loop_counts=(1, 2, 4, 8, 16)) -> list[dict]:
+    """Activation memory of one training step against max_loops, three ways of backpropagating."""
+    rows = []
+    cfg = dict(BABY, n_layer=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (BABY_BATCH, 64), generator=g)
+    y = torch.randint(0, 65, (BABY_BATCH, 64), generator=g)
+    for loops in loop_counts:
+        row = {"max_loops": loops}
+        for mode, extra in (
+            ("full", {}),
+            ("truncated_k2", {"loop_backprop_depth": 2}),
+            ("checkpointed", {"loop_checkpointing": True}),
+        ):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**cfg, loop_center_idx=1, max_loops=loops, loop_input_injection="add", **extra))
+            row[f"{mode}_MiB"] = saved_activation_bytes(model, x, y) / 2**20
+        rows.append(row)
+    return rows
+
+
+def bench_cpu_bf16(rounds) -> dict:
+    """fp32 against bf16 autocast on CPU for the 6x384 Shakespeare model (a GPU-sized config)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SHAKESPEARE))
+    batch = 8
+    med = paired_times(
+        {
+            "fp32": make_step(model, batch, 256, 65),
+            "bf16": make_step(model, batch, 256, 65, autocast_dtype=torch.bfloat16),
+        },
+        rounds,
+        warmup=1,
+    )
+    return {"fp32_ms": med["fp32"] * 1e3, "bf16_ms": med["bf16"] * 1e3, "bf16_speedup": med["fp32"] / med["bf16"]}
+
+
+def bench_mfu(rounds) -> dict:
+    """Loop-aware MFU of the baby config, plain and looped, against the measured matmul peak."""
+    peak = measure_peak_flops()
+    out = {"cpu_peak_fp32_gflops": peak / 1e9}
+    for name, extra in (("plain", {}), ("looped_1x3", {"n_layer": 2, "loop_center_idx": 1, "max_loops": 3})):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**BABY, **extra}))
+        med = paired_times({name: make_step(model, BABY_BATCH, 64, 65)}, rounds)[name]
+        tokens_per_s = BABY_BATCH * 64 / med
+        out[f"{name}_tokens_per_s"] = tokens_per_s
+        out[f"{name}_mfu"] = model.estimate_mfu(tokens_per_s, peak)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--nanogpt_dir", default=None, help="a nanoGPT checkout to compare against")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = 5 if args.quick else 30
+    results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.nanogpt_dir:
+        results["baby_vs_nanogpt"] = bench_vs_nanogpt(args.nanogpt_dir, BABY, BABY_BATCH, rounds)
+        print("baby vs nanoGPT", results["baby_vs_nanogpt"], flush=True)
+        results["shakespeare_vs_nanogpt"] = bench_vs_nanogpt(
+            args.nanogpt_dir, SHAKESPEARE, 8, max(3, rounds // 6)
+        )
+        print("6x384 vs nanoGPT (batch 8)", results["shakespeare_vs_nanogpt"], flush=True)
+    results["loop_overhead"] = bench_loop_overhead(rounds)
+    print("loop overhead", results["loop_overhead"], flush=True)
+    results["mfu"] = bench_mfu(rounds)
+    print("mfu", results["mfu"], flush=True)
+    results["memory"] = bench_memory()
+    for row in results["memory"]:
+        print("memory", row, flush=True)
+    results["cpu_bf16"] = bench_cpu_bf16(max(3, rounds // 6))
+    print("cpu bf16", results["cpu_bf16"], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

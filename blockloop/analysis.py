@@ -1,0 +1,1013 @@
+"""What happens to the representation across loop iterations: metrics, figures and a report.
+
+`blockloop analyze --out_dir=DIR` loads a trained looped model, runs it on the fixed validation
+batches with the loop trace on (`blockloop.looping`: per looped unit, the states s_0 .. s_T) and
+measures, per unit and iteration t:
+
+- dynamics: the relative change delta_t (the quantity automatic exit thresholds), the cosine of
+  each token's state to the previous and to the final state, and the state's L2 norm;
+- a logit lens: the loss the model would have if the loop stopped at s_t (defined below);
+- linear CKA between the token representations of every pair of iterations;
+- a 2-D PCA trajectory of a few tokens' states;
+and, from separate forward passes, the exit iterations under automatic exit, a sweep of exit
+thresholds (loss against mean iterations used), and test-time loop scaling (validation loss at
+1, 2, 4, 8, 16 iterations, the trained count and twice it).
+
+The metric functions (`linear_cka`, `cka_matrix`, `token_dynamics`, `pca_trajectories`,
+`logit_lens_losses`, `run_batches`, `analyze_model`) take tensors and models and return numbers,
+so other code (the experiment runner) can call them without touching files; `write_report` turns
+their result into `analysis.json`, PNG figures and `analysis.md`; `analyze_checkpoint` and `main`
+do the whole thing for a checkpoint directory.
+
+Definitions (also in the docstrings of the functions that compute them):
+
+- Logit lens, "continue" variant (the default): the loss of the model if the output of looped
+  unit k were s_t, i.e. s_t goes through the remaining looped units (each looping the same number
+  of times as in the traced pass, without automatic exit), the blocks after the loop, ln_f and
+  lm_head. For the last unit with no block after the loop this is ln_f + lm_head applied to s_t.
+  At t = T it is the model's own loss. The "direct" variant applies ln_f + lm_head to s_t
+  whatever follows, the classic logit lens, which reads a mid-stack state through a head that
+  was never trained on it.
+- Linear CKA (Kornblith et al. 2019): rows are tokens, columns channels; both matrices are
+  centred over tokens, and CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with the linear
+  kernels K = X X^T, L = Y Y^T, which reduces to ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blockloop.model import GPT, MAX_LOOPS_LIMIT, GPTConfig
+
+# Exit threshold used for the exit histogram when the model was not configured with automatic
+# exit (its configured threshold then says nothing about how it was meant to be used).
+DEFAULT_EXIT_THRESHOLD = 1e-2
+DEFAULT_THRESHOLDS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+# With the default sweep, thresholds at these quantiles of the observed delta_t (at the
+# iterations where exit is checked) are added: a fixed grid alone can miss the whole range in
+# which a given model's sequences actually differ.
+SWEEP_DELTA_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
+BASE_LOOP_COUNTS = (1, 2, 4, 8, 16)
+# Token rows used for CKA: the Gram matrices are n x n per iteration, so n bounds memory and
+# time (17 iterations x 512^2 float64 is 36 MB); CKA estimates are stable well below this n.
+DEFAULT_CKA_TOKENS = 512
+DEFAULT_PCA_TOKENS = 8
+# Seeds the token subsets (and loop noise, if the model draws it in eval) so reruns agree.
+ANALYSIS_SEED = 0
+
+FIGURES = {
+    "dynamics": (
+        "dynamics.png",
+        "Relative change delta_t (left, log scale; band = one standard deviation over sequences) "
+        "should fall towards the exit threshold if the loop converges, and the cosines (right) "
+        "approach 1 when successive states, and the state and its final value, line up.",
+    ),
+    "norm": (
+        "norm.png",
+        "Mean L2 norm of the token states per iteration (band = one standard deviation over "
+        "tokens): steady growth means each iteration adds to the residual stream rather than "
+        "settling.",
+    ),
+    "logit_lens": (
+        "logit_lens.png",
+        "Validation loss if the loop stopped at iteration t (solid: the rest of the model still "
+        "runs; dashed: ln_f and the head applied directly to s_t); the solid line meets the "
+        "dotted model loss at the last iteration, and a flat tail means later iterations no "
+        "longer help.",
+    ),
+    "exit_histogram": (
+        "exit_histogram.png",
+        "How many sequences stopped at each iteration under automatic exit at the threshold in "
+        "the title; mass at the cap means the threshold is rarely reached.",
+    ),
+    "exit_sweep": (
+        "exit_sweep.png",
+        "Validation loss against the mean iterations used, for automatic exit at each threshold "
+        "(labelled) and for a fixed number of iterations; exit points below the fixed-count curve "
+        "spend compute better than a fixed count.",
+    ),
+    "pca": (
+        "pca.png",
+        "Each line follows one token's state across iterations (circle: s_0, square: s_T) in the "
+        "plane of the two main principal components of those states; trajectories that shrink "
+        "into a point converge, loops or long straight runs do not.",
+    ),
+    "cka": (
+        "cka.png",
+        "Linear CKA between the token representations at iterations t and t' (1 = the same up to "
+        "rotation and scale; the colour scale starts just below the smallest value); a bright "
+        "lower-right block means the late iterations barely change the representation.",
+    ),
+    "loop_scaling": (
+        "loop_scaling.png",
+        "Validation loss at a fixed number of iterations, including counts beyond the trained one "
+        "(dashed line); a curve that keeps falling or stays flat past the line extrapolates, one "
+        "that rises does not.",
+    ),
+}
+
+
+class AnalysisError(ValueError):
+    """The analysis cannot run (no checkpoint, a model without looping, ...); says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# pure metrics on states
+
+
+def _centred64(x) -> torch.Tensor:
+    x = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float64)
+    if x.dim() != 2:
+        raise ValueError(f"expected a (tokens, channels) matrix, got shape {tuple(x.shape)}")
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def linear_cka(X, Y) -> float:
+    """Linear CKA between two representations of the same n tokens (rows), in float64.
+
+    Columns are centred over tokens; the result is ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F),
+    which equals HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for the linear kernels K = X X^T,
+    L = Y Y^T. X and Y may have different numbers of columns. NaN if either is constant.
+    """
+    x, y = _centred64(X), _centred64(Y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {x.shape[0]} rows but Y has {y.shape[0]}; rows must be the same tokens")
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    denom = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(cross / denom) if denom > 0 else float("nan")
+
+
+def cka_matrix(states) -> np.ndarray:
+    """Linear CKA between every pair of iterations: states (T+1, n, C) -> (T+1, T+1) float64.
+
+    Uses the token-space form: with centred X_t and Gram matrix K_t = X_t X_t^T,
+    CKA(t, t') = <K_t, K_t'> / (||K_t|| ||K_t'||), so each Gram matrix is formed once
+    (n x n each) rather than one C x C product per pair.
+    """
+    grams = []
+    for s in states:
+        x = _centred64(s)
+        grams.append((x @ x.T).flatten())
+    g = torch.stack(grams)
+    inner = g @ g.T
+    norms = torch.sqrt(torch.diagonal(inner))
+    # A constant state has a zero Gram matrix: 0/0 gives NaN, as in linear_cka.
+    return (inner / torch.outer(norms, norms)).numpy()
+
+
+def token_dynamics(states) -> dict:
+    """Per-token quantities from states (T+1, ..., C); every leading dimension after the first
+    is flattened into tokens N.
+
+    Returns float64 CPU tensors: `norm` (T+1, N) = ||s_t||; `cos_prev` (T, N) =
+    cos(s_t, s_{t-1}) for t = 1..T; `cos_final` (T+1, N) = cos(s_t, s_T). Computed on the
+    states' device, one iteration at a time in float64, so a GPT-2-sized trace needs one extra
+    (N, C) float64 copy rather than a float64 copy of the whole trace.
+    """
+    s = torch.as_tensor(states).detach()
+    s = s.reshape(s.shape[0], -1, s.shape[-1])
+    final = s[-1].double()
+    norm, cos_prev, cos_final, prev = [], [], [], None
+    for state in s:
+        cur = state.double()
+        norm.append(cur.norm(dim=-1))
+        cos_final.append(F.cosine_similarity(cur, final, dim=-1))
+        if prev is not None:
+            cos_prev.append(F.cosine_similarity(cur, prev, dim=-1))
+        prev = cur
+    return {
+        "norm": torch.stack(norm).cpu(),
+        "cos_prev": torch.stack(cos_prev).cpu(),
+        "cos_final": torch.stack(cos_final).cpu(),
+    }
+
+
+def pca_trajectories(states, n_components: int = 2) -> dict:
+    """PCA fitted on all the states of a few tokens, projected per iteration.
+
+    states: (T+1, n, C), the states of n tokens at every iteration. The (T+1)*n rows are centred
+    and the principal axes are the top eigenvectors of their covariance, each signed so that its
+    largest-magnitude loading is positive (an SVD's signs are arbitrary). Returns
+    `projections` (T+1, n, k), `components` (k, C) and `explained_variance_ratio` (k,), numpy.
+    """
+    s = torch.as_tensor(states).detach().to(device="cpu", dtype=torch.float64)
+    rows = s.reshape(-1, s.shape[-1])
+    mean = rows.mean(dim=0)
+    centred = rows - mean
+    cov = centred.T @ centred / max(rows.shape[0] - 1, 1)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(eigvals, descending=True)[:n_components]
+    comps = eigvecs[:, order].T
+    pivot = comps.abs().argmax(dim=1)
+    signs = torch.sign(comps[torch.arange(comps.shape[0]), pivot])
+    comps = comps * signs[:, None]
+    total = eigvals.clamp_min(0).sum()
+    ratio = eigvals[order].clamp_min(0) / total if total > 0 else torch.zeros(len(order))
+    proj = (s - mean) @ comps.T
+    return {
+        "projections": proj.numpy(),
+        "components": comps.numpy(),
+        "explained_variance_ratio": ratio.numpy(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# model-level metrics
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _require_trace(model: GPT) -> None:
+    if model.looper is None:
+        raise AnalysisError(
+            "the model has no looped blocks (loop_center_idx=-1), so there is no loop to analyse"
+        )
+    if not model.looper.record:
+        raise AnalysisError(
+            "the model does not record loop traces; build it with loops_representation=True "
+            "(`tracing_copy(model)` does, keeping the weights)"
+        )
+
+
+def tracing_copy(model: GPT) -> GPT:
+    """A copy of `model` with `loops_representation=True` (the trace on) and the same weights.
+
+    Returns `model` itself if it already records traces.
+    """
+    if model.looper is not None and model.looper.record:
+        return model
+    config = GPTConfig(**{**model.config.to_dict(), "loops_representation": True})
+    copy = GPT(config).to(next(model.parameters()).device)
+    copy.load_state_dict(model.state_dict())
+    return copy.train(model.training)
+
+
+def _head_loss(model: GPT, x, targets) -> torch.Tensor:
+    """ln_f, lm_head and cross-entropy, exactly as GPT.forward ends."""
+    logits = model.lm_head(model.transformer.ln_f(x))
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+    )
+
+
+def _loss_after_unit(model: GPT, unit_index: int, x, targets, num_loops: int) -> torch.Tensor:
+    """The loss if looped unit `unit_index` had output `x`: the later units (looping
+    `num_loops` times, no automatic exit), the blocks after the loop, then the head.
+
+    The later units run through the loop runner's own per-unit step so that injection, adapters
+    and noise follow the model's definition rather than a re-implementation of it.
+    """
+    plan, looper, blocks = model.loop_plan, model.looper, model.transformer.h
+    for u in range(unit_index + 1, len(plan.units)):
+        unit = plan.units[u]
+        adapter = looper.adapters[u] if looper.adapters is not None else None
+        x, _, _ = looper._run_unit(
+            x, unit, [blocks[i] for i in unit], adapter, num_loops, None, None
+        )
+    for i in range(plan.stop, model.config.n_layer):
+        x = blocks[i](x)
+    return _head_loss(model, x, targets)
+
+
+@torch.no_grad()
+def _lens_from_trace(model: GPT, trace, targets, num_loops: int) -> list[dict]:
+    out = []
+    for k, unit in enumerate(trace.units):
+        cont, direct = [], []
+        for s in unit.states:
+            cont.append(_loss_after_unit(model, k, s, targets, num_loops).item())
+            direct.append(_head_loss(model, s, targets).item())
+        out.append({"blocks": list(unit.blocks), "continue": cont, "direct": direct})
+    return out
+
+
+@torch.no_grad()
+def logit_lens_losses(model: GPT, idx, targets, *, num_loops: int | None = None) -> dict:
+    """Logit-lens losses of every looped unit at every iteration t = 0..T, on one batch.
+
+    Runs the model once (no automatic exit, `num_loops` iterations, default the trained count)
+    with the trace on, then for unit k and state s_t:
+      - `continue`[t]: the model's loss if unit k's output were s_t: the remaining looped units
+        (each iterating `num_loops` times), the blocks after the loop, ln_f and lm_head;
+        `continue`[T] is the model's own loss;
+      - `direct`[t]: ln_f + lm_head applied to s_t, whatever blocks would follow.
+    t = 0 is the unit's input (the loop skipped). Returns {"model_loss": float, "units": [
+    {"blocks", "continue", "direct"}, ...]}. The model must record traces (`tracing_copy`).
+    """
+    _require_trace(model)
+    num_loops = model.config.max_loops if num_loops is None else int(num_loops)
+    with _eval_mode(model):
+        _, loss = model(idx, targets, num_loops=num_loops, loop_exit=False)
+        units = _lens_from_trace(model, model.last_loop_trace, targets, num_loops)
+    return {"model_loss": loss.item(), "units": units}
+
+
+@torch.no_grad()
+def run_batches(model: GPT, batches, device="cpu", **forward_kwargs) -> dict:
+    """Mean loss over batches (the mean of batch means, as training's evaluation reports it),
+    token accuracy on the positions with a target, and the iterations each sequence ran per
+    looped unit (`iterations`: one int64 tensor per unit, all batches concatenated).
+
+    `forward_kwargs` go to the model: num_loops, loop_exit, exit_threshold.
+    """
+    losses, correct, counted, iterations = [], 0, 0, None
+    with _eval_mode(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits, loss = model(x, y, **forward_kwargs)
+            losses.append(loss.item())
+            mask = y != -1
+            correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+            counted += mask.sum().item()
+            if model.last_loop_iterations is not None:
+                its = [i.cpu() for i in model.last_loop_iterations]
+                iterations = its if iterations is None else [
+                    torch.cat([a, b]) for a, b in zip(iterations, its)
+                ]
+    return {
+        "loss": sum(losses) / len(losses),
+        "accuracy": correct / max(counted, 1),
+        "iterations": iterations or [],
+    }
+
+
+def _mean_iterations(iterations: list[torch.Tensor]) -> float:
+    """Mean over looped units and sequences of the iterations run."""
+    return torch.stack([i.float().mean() for i in iterations]).mean().item()
+
+
+def _histogram(iterations: torch.Tensor, num_loops: int) -> list[int]:
+    """counts[t-1] = number of sequences that ran t iterations, t = 1..num_loops."""
+    return torch.bincount(iterations, minlength=num_loops + 1)[1:].tolist()
+
+
+def loop_counts_for(config: GPTConfig, num_loops: int | None = None) -> list[int]:
+    """Iteration counts for the test-time scaling curve: 1, 2, 4, 8, 16, the trained count and
+    twice it (beyond training), and `num_loops` if given. A concat-injection model built with
+    max_loops=1 has no adapter and can only run one iteration."""
+    if config.injection_mode == "concat" and config.max_loops == 1:
+        return [1]
+    counts = set(BASE_LOOP_COUNTS) | {config.max_loops, 2 * config.max_loops}
+    if num_loops is not None:
+        counts.add(int(num_loops))
+    return sorted(c for c in counts if c <= MAX_LOOPS_LIMIT)
+
+
+def _pick_rows(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)[: min(k, n)].sort().values
+
+
+def _summary(values: torch.Tensor) -> tuple[list, list]:
+    """Mean and (population) standard deviation along dim 1, ignoring NaN."""
+    v = values.to(torch.float64)
+    mean = torch.nanmean(v, dim=1)
+    std = torch.sqrt(torch.nanmean((v - mean[:, None]) ** 2, dim=1))
+    return mean.tolist(), std.tolist()
+
+
+@torch.no_grad()
+def analyze_model(
+    model: GPT,
+    batches,
+    *,
+    num_loops: int | None = None,
+    device="cpu",
+    exit_threshold: float | None = None,
+    thresholds=None,
+    loop_counts=None,
+    cka_tokens: int = DEFAULT_CKA_TOKENS,
+    pca_tokens: int = DEFAULT_PCA_TOKENS,
+    token_labels=None,
+) -> dict:
+    """Every metric of this module for `model` on `batches` (a list of (x, y)); JSON-ready.
+
+    `model` must record traces (`tracing_copy`). `num_loops` (default: the trained count) is the
+    iteration count of the traced pass and the cap under automatic exit. `exit_threshold`
+    (default: the configured one if the model exits automatically, else
+    DEFAULT_EXIT_THRESHOLD) sets the exit histogram. `thresholds` is the sweep (always with
+    `exit_threshold`); None means DEFAULT_THRESHOLDS plus the SWEEP_DELTA_QUANTILES of the
+    observed delta_t, t = 2..T-1, rounded to two significant digits. `token_labels(id) -> str`
+    names tokens in the PCA legend. NaN (undefined values) become None in the result.
+    """
+    _require_trace(model)
+    if not batches:
+        raise AnalysisError("no validation batches to analyse")
+    cfg = model.config
+    T = cfg.max_loops if num_loops is None else int(num_loops)
+    if exit_threshold is None:
+        exit_threshold = (
+            cfg.automatic_loop_exit_threshold if cfg.automatic_loop_exit else DEFAULT_EXIT_THRESHOLD
+        )
+    loop_counts = loop_counts_for(cfg, T) if loop_counts is None else sorted(set(loop_counts))
+    torch.manual_seed(ANALYSIS_SEED)
+    gen = torch.Generator().manual_seed(ANALYSIS_SEED)
+    n_units = len(model.loop_plan.units)
+    per_unit = [
+        {"norm": [], "cos_prev": [], "cos_final": [], "delta": [], "cka": [], "lens": [],
+         "direct": []}
+        for _ in range(n_units)
+    ]
+    model_losses, pca_states, pca_info = [], [[] for _ in range(n_units)], []
+    rows_per_batch = math.ceil(cka_tokens / len(batches))
+    with _eval_mode(model):
+        for b, (x, y) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            _, loss = model(x, y, num_loops=T, loop_exit=False)
+            model_losses.append(loss.item())
+            trace = model.last_loop_trace
+            lens = _lens_from_trace(model, trace, y, T)
+            B, L = x.shape
+            rows = _pick_rows(B * L, rows_per_batch, gen)
+            if b == 0:
+                # PCA tokens: evenly spaced positions, spread over the sequences of batch 0.
+                k = min(pca_tokens, B * L)
+                pos = torch.linspace(0, L - 1, k).round().long()
+                seq = torch.arange(k) % B
+                ids = x[seq, pos].tolist()
+                pca_info = [
+                    {"sequence": int(s), "position": int(p), "token": int(i),
+                     "label": f"pos {int(p)} {token_labels(int(i)) if token_labels else int(i)}"}
+                    for s, p, i in zip(seq.tolist(), pos.tolist(), ids)
+                ]
+            for u, ut in enumerate(trace.units):
+                acc = per_unit[u]
+                dyn = token_dynamics(ut.states)
+                for key in ("norm", "cos_prev", "cos_final"):
+                    acc[key].append(dyn[key])
+                acc["delta"].append(ut.deltas.cpu().to(torch.float64))
+                # Only the sampled rows leave the device: the full trace is (T+1) activations.
+                acc["cka"].append(ut.states.reshape(T + 1, B * L, -1)[:, rows.to(device)].cpu())
+                acc["lens"].append(lens[u]["continue"])
+                acc["direct"].append(lens[u]["direct"])
+                if b == 0:
+                    pca_states[u] = ut.states[:, seq.to(device), pos.to(device)].cpu()
+
+    units = []
+    for u in range(n_units):
+        acc = per_unit[u]
+        delta_mean, delta_std = _summary(torch.cat(acc["delta"], dim=1))
+        norm_mean, norm_std = _summary(torch.cat(acc["norm"], dim=1))
+        cos_prev_mean, _ = _summary(torch.cat(acc["cos_prev"], dim=1))
+        cos_final_mean, _ = _summary(torch.cat(acc["cos_final"], dim=1))
+        pca = pca_trajectories(pca_states[u])
+        units.append({
+            "blocks": list(model.loop_plan.units[u]),
+            "iterations": list(range(T + 1)),
+            "delta_mean": delta_mean,
+            "delta_std": delta_std,
+            "cos_prev_mean": cos_prev_mean,
+            "cos_final_mean": cos_final_mean,
+            "norm_mean": norm_mean,
+            "norm_std": norm_std,
+            "logit_lens_loss": np.mean(acc["lens"], axis=0).tolist(),
+            "logit_lens_direct_loss": np.mean(acc["direct"], axis=0).tolist(),
+            "cka": cka_matrix(torch.cat(acc["cka"], dim=1)).tolist(),
+            "pca": {
+                "tokens": pca_info,
+                "explained_variance_ratio": pca["explained_variance_ratio"].tolist(),
+                "trajectories": pca["projections"].tolist(),
+            },
+        })
+
+    exit_run = run_batches(
+        model, batches, device, num_loops=T, loop_exit=True, exit_threshold=exit_threshold
+    )
+    for u, its in enumerate(exit_run["iterations"]):
+        units[u]["exit_histogram"] = _histogram(its, T)
+    sweep = []
+    if thresholds is None:
+        thresholds = set(DEFAULT_THRESHOLDS)
+        # Exit is checked after iterations 2 .. T-1 (deltas[1 : T-1]).
+        checked = torch.cat(
+            [torch.cat(per_unit[u]["delta"], dim=1)[1 : T - 1].flatten() for u in range(n_units)]
+        )
+        checked = checked[torch.isfinite(checked)]
+        if checked.numel():
+            qs = torch.quantile(checked, torch.tensor(SWEEP_DELTA_QUANTILES, dtype=checked.dtype))
+            thresholds |= {float(f"{q:.2g}") for q in qs.tolist()}
+    for thr in sorted(set(thresholds) | {exit_threshold}):
+        res = run_batches(model, batches, device, num_loops=T, loop_exit=True, exit_threshold=thr)
+        sweep.append({
+            "threshold": thr,
+            "loss": res["loss"],
+            "accuracy": res["accuracy"],
+            "mean_iterations": _mean_iterations(res["iterations"]),
+        })
+    scaling = []
+    for n in loop_counts:
+        res = run_batches(model, batches, device, num_loops=n, loop_exit=False)
+        scaling.append({"num_loops": n, "loss": res["loss"], "accuracy": res["accuracy"]})
+
+    result = {
+        "num_loops": T,
+        "trained_loops": cfg.max_loops,
+        "model_config": cfg.to_dict(),
+        "tied_looping": cfg.tied_looping,
+        "looped_blocks": [model.loop_plan.start, model.loop_plan.stop - 1],
+        "batches": len(batches),
+        "tokens_per_batch": list(batches[0][0].shape),
+        "model_loss": sum(model_losses) / len(model_losses),
+        "units": units,
+        "exit": {
+            "threshold": exit_threshold,
+            "loss": exit_run["loss"],
+            "accuracy": exit_run["accuracy"],
+            "mean_iterations": _mean_iterations(exit_run["iterations"]),
+        },
+        "threshold_sweep": sweep,
+        "loop_scaling": scaling,
+    }
+    return _jsonable(result)
+
+
+def _jsonable(value):
+    """Plain JSON types throughout, with NaN/inf (undefined, e.g. cos to a previous s_0) as None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# figures and report
+
+
+def _nan(values) -> np.ndarray:
+    """Nested lists from the result as a float array; numpy turns None (undefined) into NaN."""
+    return np.array(values, dtype=float)
+
+
+def _unit_label(unit: dict) -> str:
+    b = unit["blocks"]
+    return f"block {b[0]}" if len(b) == 1 else f"blocks {b[0]}-{b[-1]}"
+
+
+def _new_figure(width=6.4, height=4.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _plot_dynamics(res, path):
+    fig = _new_figure(11, 4.2)
+    ax_d, ax_c = fig.subplots(1, 2)
+    for k, unit in enumerate(res["units"]):
+        color = f"C{k}"
+        t = np.arange(1, res["num_loops"] + 1)
+        mean, std = _nan(unit["delta_mean"]), _nan(unit["delta_std"])
+        ax_d.plot(t, mean, "o-", color=color, label=_unit_label(unit))
+        ax_d.fill_between(t, np.clip(mean - std, 1e-12, None), mean + std, color=color, alpha=0.2)
+        ax_c.plot(t, _nan(unit["cos_prev_mean"]), "o-", color=color,
+                  label=f"{_unit_label(unit)}: cos(s_t, s_t-1)")
+        ax_c.plot(np.arange(res["num_loops"] + 1), _nan(unit["cos_final_mean"]), "s--",
+                  color=color, label=f"{_unit_label(unit)}: cos(s_t, s_T)")
+    ax_d.axhline(res["exit"]["threshold"], color="gray", ls=":", label="exit threshold")
+    ax_d.set_yscale("log")
+    ax_d.set(xlabel="iteration t", ylabel="relative change delta_t",
+             title="Relative change per iteration")
+    ax_c.set(xlabel="iteration t", ylabel="mean cosine similarity over tokens",
+             title="Cosine to previous and to final state")
+    for ax in (ax_d, ax_c):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_norm(res, path):
+    fig = _new_figure()
+    ax = fig.subplots()
+    t = np.arange(res["num_loops"] + 1)
+    for k, unit in enumerate(res["units"]):
+        mean, std = _nan(unit["norm_mean"]), _nan(unit["norm_std"])
+        ax.plot(t, mean, "o-", color=f"C{k}", label=_unit_label(unit))
+        ax.fill_between(t, mean - std, mean + std, color=f"C{k}", alpha=0.2)
+    ax.set(xlabel="iteration t (0 = loop input)", ylabel="L2 norm of token state",
+           title="State norm per iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_logit_lens(res, path):
+    fig = _new_figure()
+    ax = fig.subplots()
+    t = np.arange(res["num_loops"] + 1)
+    for k, unit in enumerate(res["units"]):
+        ax.plot(t, _nan(unit["logit_lens_loss"]), "o-", color=f"C{k}",
+                label=f"{_unit_label(unit)}: rest of model runs")
+        ax.plot(t, _nan(unit["logit_lens_direct_loss"]), "x--", color=f"C{k}",
+                label=f"{_unit_label(unit)}: direct (ln_f + head)")
+    ax.axhline(res["model_loss"], color="gray", ls=":", label="model loss")
+    ax.set(xlabel="iteration t (0 = loop skipped)", ylabel="validation loss",
+           title="Logit lens: loss if the loop stopped at t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_exit_histogram(res, path):
+    fig = _new_figure()
+    ax = fig.subplots()
+    units = res["units"]
+    t = np.arange(1, res["num_loops"] + 1)
+    width = 0.8 / len(units)
+    for k, unit in enumerate(units):
+        ax.bar(t + (k - (len(units) - 1) / 2) * width, unit["exit_histogram"], width=width,
+               color=f"C{k}", label=_unit_label(unit))
+    ax.set_xticks(t)
+    ax.set(xlabel=f"iterations run (at {res['num_loops']}, the cap, also those that never exited)",
+           ylabel="sequences",
+           title=f"Automatic exit at threshold {res['exit']['threshold']:g} "
+                 f"(mean {res['exit']['mean_iterations']:.2f} iterations)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_exit_sweep(res, path):
+    fig = _new_figure()
+    ax = fig.subplots()
+    sweep = res["threshold_sweep"]
+    xs = [p["mean_iterations"] for p in sweep]
+    ys = _nan([p["loss"] for p in sweep])
+    ax.plot(xs, ys, "o-", color="C0", label="automatic exit (threshold labelled)")
+    # Thresholds that no sequence distinguishes land on one point: one label per point.
+    groups = {}
+    for p, y in zip(sweep, ys):
+        groups.setdefault((round(p["mean_iterations"], 6), round(float(y), 6)), []).append(
+            p["threshold"]
+        )
+    for (x, y), thrs in groups.items():
+        text = f"{thrs[0]:g}" if len(thrs) == 1 else f"{min(thrs):g}..{max(thrs):g}"
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    fixed = [p for p in res["loop_scaling"] if p["num_loops"] <= res["num_loops"]]
+    ax.plot([p["num_loops"] for p in fixed], _nan([p["loss"] for p in fixed]), "s--",
+            color="C1", label="fixed iteration count")
+    ax.set(xlabel="mean iterations used", ylabel="validation loss",
+           title="Loss against compute: exit thresholds vs fixed counts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_pca(res, path):
+    units = res["units"]
+    fig = _new_figure(5.2 * len(units), 4.6)
+    axes = np.atleast_1d(fig.subplots(1, len(units)))
+    for ax, unit in zip(axes, units):
+        pca = unit["pca"]
+        traj = _nan(pca["trajectories"])
+        for j, tok in enumerate(pca["tokens"]):
+            color = f"C{j % 10}"
+            xy = traj[:, j, :]
+            ax.plot(xy[:, 0], xy[:, 1], "-", color=color, alpha=0.8, label=tok["label"])
+            # One arrowhead per step so the direction of travel is visible.
+            for a, b in zip(xy[:-1], xy[1:]):
+                ax.annotate("", xy=b, xytext=a,
+                            arrowprops=dict(arrowstyle="-|>", color=color, lw=1.2,
+                                            mutation_scale=10, shrinkA=0, shrinkB=0))
+            ax.plot(xy[0, 0], xy[0, 1], "o", color=color, ms=6)
+            ax.plot(xy[-1, 0], xy[-1, 1], "s", color=color, ms=6)
+        ratio = pca["explained_variance_ratio"]
+        ax.set(xlabel=f"PC1 ({100 * ratio[0]:.0f}% of variance)",
+               ylabel=f"PC2 ({100 * ratio[1]:.0f}% of variance)" if len(ratio) > 1 else "PC2",
+               title=f"{_unit_label(unit)}: token trajectories\n(circle: s_0, square: s_T)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_cka(res, path):
+    units = res["units"]
+    fig = _new_figure(4.8 * len(units) + 1, 4.2)
+    axes = np.atleast_1d(fig.subplots(1, len(units)))
+    n = res["num_loops"] + 1
+    # One colour scale for all units, starting just below the smallest value: CKA between
+    # iterations is often above 0.8, and a 0..1 scale would show a uniform block.
+    lowest = np.nanmin([np.nanmin(_nan(u["cka"])) for u in units])
+    vmin = min(np.floor(10 * lowest) / 10, 0.9) if np.isfinite(lowest) else 0.0
+    for ax, unit in zip(axes, units):
+        m = _nan(unit["cka"])
+        im = ax.imshow(m, vmin=vmin, vmax=1, cmap="viridis", origin="upper")
+        if n <= 12:
+            for i in range(n):
+                for j in range(n):
+                    dark = (m[i, j] - vmin) / (1 - vmin) < 0.5  # viridis is dark below mid
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+        step = math.ceil(n / 9)  # at most 9 tick labels, so two-digit ones do not collide
+        ax.set_xticks(range(0, n, step))
+        ax.set_yticks(range(0, n, step))
+        ax.set(xlabel="iteration t'", ylabel="iteration t", title=f"{_unit_label(unit)}: linear CKA")
+    fig.colorbar(im, ax=list(axes), label="linear CKA", shrink=0.9)
+    _save(fig, path)
+
+
+def _plot_loop_scaling(res, path):
+    fig = _new_figure()
+    ax = fig.subplots()
+    pts = res["loop_scaling"]
+    ax.plot([p["num_loops"] for p in pts], _nan([p["loss"] for p in pts]), "o-", color="C0",
+            label="validation loss")
+    ax.axvline(res["trained_loops"], color="gray", ls="--",
+               label=f"trained count ({res['trained_loops']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p["num_loops"] for p in pts])
+    ax.set_xticklabels([str(p["num_loops"]) for p in pts])
+    ax.set(xlabel="iterations at test time", ylabel="validation loss",
+           title="Test-time loop scaling")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+_PLOTTERS = {
+    "dynamics": _plot_dynamics,
+    "norm": _plot_norm,
+    "logit_lens": _plot_logit_lens,
+    "exit_histogram": _plot_exit_histogram,
+    "exit_sweep": _plot_exit_sweep,
+    "pca": _plot_pca,
+    "cka": _plot_cka,
+    "loop_scaling": _plot_loop_scaling,
+}
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _markdown(res: dict, header: dict) -> str:
+    lines = ["# Loop analysis", ""]
+    for key, value in header.items():
+        lines.append(f"- {key}: {value}")
+    lines += [
+        f"- looped blocks {res['looped_blocks'][0]}-{res['looped_blocks'][1]} "
+        f"({'tied' if res['tied_looping'] else 'untied'}), trained with {res['trained_loops']} "
+        f"iterations, analysed at {res['num_loops']}",
+        f"- {res['batches']} validation batches of shape {res['tokens_per_batch']}; "
+        f"model loss {_fmt(res['model_loss'])}",
+        f"- automatic exit at threshold {res['exit']['threshold']:g}: loss "
+        f"{_fmt(res['exit']['loss'])} with {res['exit']['mean_iterations']:.2f} mean iterations",
+        "",
+        "All numbers are in `analysis.json`.",
+        "",
+        "## Test-time loop scaling",
+        "",
+        "| iterations | loss | accuracy |",
+        "|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {p['num_loops']} | {_fmt(p['loss'])} | {_fmt(p['accuracy'])} |"
+        for p in res["loop_scaling"]
+    ]
+    lines += ["", "## Exit threshold sweep", "", "| threshold | mean iterations | loss |",
+              "|---:|---:|---:|"]
+    lines += [
+        f"| {p['threshold']:g} | {p['mean_iterations']:.2f} | {_fmt(p['loss'])} |"
+        for p in res["threshold_sweep"]
+    ]
+    lines += ["", "## Figures", ""]
+    for name, (filename, sentence) in FIGURES.items():
+        lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({filename})", "", sentence, ""]
+    return "\n".join(lines)
+
+
+def write_report(result: dict, report_dir, header: dict | None = None) -> dict:
+    """Write `analysis.json`, the PNG figures and `analysis.md` for an `analyze_model` result.
+
+    `header` (name -> value) is listed at the top of the Markdown and stored in the JSON.
+    Returns {"json": path, "markdown": path, "figures": {name: path}}.
+    """
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for name, (filename, _) in FIGURES.items():
+        _PLOTTERS[name](result, report_dir / filename)
+        figures[name] = str(report_dir / filename)
+    header = header or {}
+    payload = {**_jsonable(header), **result, "figures": {k: Path(v).name for k, v in figures.items()}}
+    json_path = report_dir / "analysis.json"
+    json_path.write_text(json.dumps(payload, indent=1, allow_nan=False))
+    md_path = report_dir / "analysis.md"
+    md_path.write_text(_markdown(result, header))
+    return {"json": str(json_path), "markdown": str(md_path), "figures": figures}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoint_path(out_dir: Path, which: str) -> Path:
+    if not out_dir.is_dir():
+        raise AnalysisError(f"out_dir {str(out_dir)!r} does not exist or is not a directory")
+    names = {"auto": ("best.pt", "last.pt"), "best": ("best.pt",), "last": ("last.pt",)}[which]
+    for name in names:
+        if (out_dir / name).is_file():
+            return out_dir / name
+    raise AnalysisError(
+        f"no {' or '.join(names)} in {out_dir}; train a looped model there first "
+        f"(blockloop train --out_dir={out_dir} ...)"
+    )
+
+
+def load_for_analysis(path, device="cpu") -> tuple[GPT, dict]:
+    """A checkpoint's model rebuilt with the loop trace on, in eval mode, and its payload."""
+    from blockloop.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path, map_location=device)
+    for key in ("model", "model_config"):
+        if key not in payload:
+            raise AnalysisError(f"{path} has no {key!r} entry; it is not a blockloop checkpoint")
+    try:
+        config = GPTConfig(**{**payload["model_config"], "loops_representation": True})
+    except (TypeError, ValueError) as e:
+        raise AnalysisError(f"{path}: model_config is not valid for this version ({e})") from None
+    if config.loop_center_idx < 0:
+        raise AnalysisError(
+            f"{path} holds a model without looping (loop_center_idx=-1); there is no loop to "
+            f"analyse"
+        )
+    model = GPT(config)
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), payload
+
+
+def _validation_data(payload: dict, batches: int, data_dir: str | None):
+    """The first `batches` fixed validation batches of the run's data, and a token namer."""
+    from blockloop.config import TrainConfig
+    from blockloop.train import TrainingData
+
+    known = {f.name for f in fields(TrainConfig)}
+    tc = {k: v for k, v in payload.get("train_config", {}).items() if k in known}
+    cfg = TrainConfig(**tc)
+    if data_dir is not None:
+        cfg = replace(cfg, data_dir=data_dir)
+    # Token-dataset evaluation batch k depends on k alone, so fewer eval_iters gives the same
+    # first batches without generating the rest.
+    cfg = replace(cfg, eval_iters=min(cfg.eval_iters, batches))
+    cfg.validate()
+    data = TrainingData(cfg)
+    val = data.eval_batches("val")[:batches]
+    itos = data.meta.get("tokenizer", {}).get("itos")
+    namer = (lambda i: repr(itos[i]) if i < len(itos) else str(i)) if itos else None
+    return val, namer
+
+
+def analyze_checkpoint(
+    out_dir,
+    report_dir=None,
+    num_loops: int | None = None,
+    batches: int = 4,
+    device="cpu",
+    *,
+    checkpoint: str = "auto",
+    data_dir: str | None = None,
+    thresholds=None,
+) -> dict:
+    """Analyse the checkpoint in `out_dir` (best.pt, else last.pt) on `batches` validation
+    batches and write the report to `report_dir` (default `<out_dir>/analysis`).
+
+    Returns the `analyze_model` result plus the header and the report's file paths (`report`).
+    Raises AnalysisError (or the checkpoint/data/config module's own error) with a one-line
+    reason when it cannot run.
+    """
+    if batches < 1:
+        raise AnalysisError(f"batches={batches}: must be >= 1")
+    if num_loops is not None and num_loops < 1:
+        raise AnalysisError(f"num_loops={num_loops}: must be >= 1")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise AnalysisError(f"device={device!r} but CUDA is not available; use --device=cpu")
+    out_dir = Path(out_dir)
+    path = _checkpoint_path(out_dir, checkpoint)
+    model, payload = load_for_analysis(path, device)
+    if (
+        num_loops is not None
+        and num_loops > 1
+        and model.config.injection_mode == "concat"
+        and model.config.max_loops == 1
+    ):
+        raise AnalysisError(
+            "this model was built with max_loops=1 and concat injection; it can only run 1 "
+            "iteration"
+        )
+    val, namer = _validation_data(payload, batches, data_dir)
+    result = analyze_model(
+        model, val, num_loops=num_loops, device=device, thresholds=thresholds,
+        token_labels=namer,
+    )
+    header = {
+        "checkpoint": str(path),
+        "iter_num": payload.get("iter_num"),
+        "best_val_loss": payload.get("best_val_loss"),
+        "dataset": payload.get("train_config", {}).get("dataset"),
+    }
+    report = write_report(result, Path(report_dir) if report_dir else out_dir / "analysis", header)
+    return {**_jsonable(header), **result, "report": report}
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+    if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: thresholds must be finite numbers >= 0")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blockloop analyze",
+        description=(
+            "Analyse what a looped model's representation does across loop iterations, on the "
+            "fixed validation batches of its training data: relative change, cosines, norms, "
+            "logit lens, exit iterations and a threshold sweep, PCA trajectories, CKA between "
+            "iterations, and validation loss at other iteration counts. Writes analysis.json, "
+            "PNG figures and analysis.md."
+        ),
+        epilog="example: blockloop analyze --out_dir=out-shakespeare-char-loop-tied --num_loops=8",
+    )
+    add = parser.add_argument
+    add("--out_dir", required=True, help="training output directory holding best.pt/last.pt")
+    add("--num_loops", type=int, default=None,
+        help="iterations for the traced pass and the exit cap (default: the trained count)")
+    add("--batches", type=int, default=4, help="validation batches to use (default: 4)")
+    add("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps (default: cpu)")
+    add("--report_dir", default=None,
+        help="where to write the report (default: OUT_DIR/analysis)")
+    add("--checkpoint", choices=("auto", "best", "last"), default="auto",
+        help="which checkpoint (default: auto = best.pt if present, else last.pt)")
+    add("--data_dir", default=None,
+        help="token data directory, if it moved since training (default: the run's)")
+    add("--thresholds", type=_thresholds, default=None,
+        help="comma-separated exit thresholds for the sweep (default: "
+             f"{','.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)} plus quantiles of the observed "
+             "relative changes)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    from blockloop.checkpoint import CheckpointError
+    from blockloop.config import ConfigError
+    from blockloop.data import DataError
+
+    try:
+        result = analyze_checkpoint(
+            args.out_dir, args.report_dir, args.num_loops, args.batches, args.device,
+            checkpoint=args.checkpoint, data_dir=args.data_dir, thresholds=args.thresholds,
+        )
+    except (AnalysisError, CheckpointError, ConfigError, DataError) as e:
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(
+        f"analysed {result['checkpoint']} at {result['num_loops']} iterations: model loss "
+        f"{result['model_loss']:.4f}; report in {result['report']['markdown']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
