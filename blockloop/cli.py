@@ -15,7 +15,6 @@ COMMANDS = {
     "sample": ("blockloop.sampling", "generate text from a checkpoint"),
     "experiment": ("blockloop.experiment", "run a grid of variants x seeds and write a report"),
     "analyze": ("blockloop.analysis", "what happens to the representation across loops"),
-    "bench": ("blockloop.bench", "throughput, memory and generation benchmarks"),
 }
 
 

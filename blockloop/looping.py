@@ -37,6 +37,10 @@ Trace layout (`GPT.last_loop_trace`, only with `loops_representation=True`): a `
     NaN for iterations a sequence did not run,
   - `iterations`: int64 tensor (B,), iterations each sequence ran.
 `GPT.last_loop_iterations` holds the per-unit `iterations` tensors even with tracing off.
+
+Generation cache (`kv_caches`, see `blockloop.sampling`): iteration t of block i reads and writes
+`kv_caches.get(i, t)`; once some sequences have exited, the remaining iterations run on the active
+rows through `kv_caches.rows(active)`, and the cache fills in the exited rows' later iterations.
 """
 
 from __future__ import annotations
@@ -256,8 +260,10 @@ class LoopRunner(nn.Module):
                     new_state = self._step(state, x0, t, unit, unit_blocks, adapter, kv_caches)
                     delta = relative_change(new_state, state) if need_delta else None
                 else:
+                    # A generation cache must write and read the rows still iterating only.
+                    sub_caches = None if kv_caches is None else kv_caches.rows(active)
                     new_sub = self._step(
-                        state[active], x0[active], t, unit, unit_blocks, adapter, kv_caches
+                        state[active], x0[active], t, unit, unit_blocks, adapter, sub_caches
                     )
                     delta_sub = relative_change(new_sub, state[active]) if need_delta else None
                     new_state = state.index_copy(0, active, new_sub)

@@ -1,0 +1,623 @@
+"""Generation with a KV cache that understands loops, and the `blockloop sample` command.
+
+Why a loop-aware cache: in a full forward pass every position goes through iteration i of a
+looped block together, so a token's attention in block b at iteration i reads the keys and values
+that the earlier positions produced in block b *at iteration i*. A cache that keeps one K/V buffer
+per block would mix iterations. `LoopKVCache` therefore keeps one `LayerKVCache` per
+(block, iteration): blocks outside the looped range have iteration 1 only, looped blocks have
+iterations 1 .. num_loops. Each buffer is preallocated to `block_size` positions on first use
+(with the dtype and device of the first keys written), so a decoding step appends in place.
+
+Decoding: the prompt is processed in one forward pass (the prefill), then each new token alone,
+attending to the cache. With a fixed iteration count this gives the logits of a full forward pass
+over the same context, to float32 rounding.
+
+Context longer than `block_size`: positions are learned absolute embeddings (`wpe` has
+`block_size` rows), so a token's K/V depend on its absolute position and cannot be shifted. When
+the cache is full, it is emptied and the last `refill_keep` tokens (the new one included) are
+prefilled again at positions 0 .. refill_keep-1. The default, `refill_keep = block_size`, is
+exact: every step then conditions on the last `block_size` tokens, as nanoGPT's uncached
+`GPT.generate` does, but past `block_size` each step is a full forward pass (no saving). A smaller
+`refill_keep` (e.g. block_size // 2) re-prefills once every `block_size - refill_keep + 1` tokens
+and is much faster, at the price of conditioning on between `refill_keep` and `block_size` tokens
+instead of always `block_size`.
+
+Per-token adaptive exit (`adaptive_exit=True`, cached decoding only). The prompt prefill, and any
+re-prefill, run the full `num_loops` iterations. Each new token then runs the loop runner's exit
+rule on its own state: for each looped unit (the whole range when tied, each block when untied),
+it stops at the first iteration t >= 2 with
+
+    delta_t = ||s_t - s_(t-1)|| / (||s_(t-1)|| + 1e-6)   (L2 over channels, this token only)
+
+below the threshold (`exit_threshold`, else the model's `automatic_loop_exit_threshold`), or at
+`num_loops`. This is `blockloop.looping`'s per-sequence rule applied to a sequence of one new
+token; rows of a batch exit independently. A token that stopped at iteration e < i is read by
+later tokens at its last computed iteration: the buffer of (block, i) holds, at that token's
+position, the K/V it produced in (block, e). (`LoopKVCache.advance` copies them forward.) The
+logits therefore differ from a full forward pass with `loop_exit=True`, whose rule stops whole
+sequences on the mean delta over all their tokens.
+
+The cache's interface is what `GPT.forward` and the loop runner call: `past_length`,
+`get(block_idx, iteration)`, `advance(t)`, and `rows(active)` (the runner's hook: when some rows
+have exited, the remaining iterations run on the active rows only), each layer's
+`extend(k, v) -> (k_all, v_all, mask)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from blockloop.model import GPT, GPTConfig, sample_next_token
+
+# nanoGPT's sample.py separates samples with this line.
+SAMPLE_SEPARATOR = "---------------"
+
+
+class LayerKVCache:
+    """Keys and values of one (block, iteration) at every position so far, for a batch of rows."""
+
+    def __init__(self, owner: "LoopKVCache"):
+        self._owner = owner
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        # Which rows wrote their K/V for the positions of the current forward pass: rows that
+        # exited earlier are filled in by `LoopKVCache.advance`.
+        self.wrote_all = False
+        self.wrote_rows: torch.Tensor | None = None
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        _, h, _, d = like.shape
+        shape = (self._owner.batch_size, h, self._owner.capacity, d)
+        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """Store the new positions' K/V; return (K, V) of all positions and the attention mask.
+
+        `k`, `v`: (rows, heads, T, head_dim) for positions past .. past+T-1. The mask is None
+        for a single new token (it may attend to every cached position and itself); otherwise a
+        boolean (T, past+T) causal mask where True means "may attend".
+        """
+        past = self._owner.past_length
+        t = k.shape[2]
+        end = past + t
+        if end > self._owner.capacity:
+            raise ValueError(
+                f"KV cache holds {past} positions; {t} more exceed block_size="
+                f"{self._owner.capacity}. Reset the cache and prefill the last tokens again"
+            )
+        if self.k is None:
+            self._allocate(k)
+        if rows is None:
+            self.k[:, :, past:end] = k
+            self.v[:, :, past:end] = v
+            k_all, v_all = self.k[:, :, :end], self.v[:, :, :end]
+            self.wrote_all = True
+        else:
+            self.k[rows, :, past:end] = k
+            self.v[rows, :, past:end] = v
+            k_all, v_all = self.k[rows, :, :end], self.v[rows, :, :end]
+            if self.wrote_rows is None:
+                self.wrote_rows = torch.zeros(
+                    self._owner.batch_size, dtype=torch.bool, device=k.device
+                )
+            self.wrote_rows[rows] = True
+        if t == 1:
+            mask = None
+        else:
+            mask = torch.ones(t, end, dtype=torch.bool, device=k.device).tril(diagonal=past)
+        return k_all, v_all, mask
+
+    def _fill_unwritten_from(self, prev: "LayerKVCache", start: int, end: int) -> None:
+        """Rows that did not reach this iteration take the K/V of the previous iteration."""
+        if self.wrote_all:
+            return
+        if self.k is None:
+            self._allocate(prev.k)
+        if self.wrote_rows is None:
+            self.k[:, :, start:end] = prev.k[:, :, start:end]
+            self.v[:, :, start:end] = prev.v[:, :, start:end]
+        else:
+            missing = (~self.wrote_rows).nonzero().squeeze(1)
+            self.k[missing, :, start:end] = prev.k[missing, :, start:end]
+            self.v[missing, :, start:end] = prev.v[missing, :, start:end]
+
+    def _clear_marks(self) -> None:
+        self.wrote_all = False
+        self.wrote_rows = None
+
+
+class _RowLayer:
+    """A layer cache seen by a sub-batch: writes and reads rows `rows` only."""
+
+    def __init__(self, layer: LayerKVCache, rows: torch.Tensor):
+        self._layer = layer
+        self._rows = rows
+
+    def extend(self, k, v):
+        return self._layer.extend(k, v, self._rows)
+
+
+class _RowView:
+    """`LoopKVCache.rows(active)`: the cache restricted to the rows still iterating."""
+
+    def __init__(self, cache: "LoopKVCache", rows: torch.Tensor):
+        self._cache = cache
+        self._rows = rows
+
+    def get(self, block_idx: int, iteration: int) -> _RowLayer:
+        return _RowLayer(self._cache.get(block_idx, iteration), self._rows)
+
+
+class LoopKVCache:
+    """One K/V buffer per (block, iteration) of a model, for `batch_size` rows."""
+
+    def __init__(self, model: GPT, batch_size: int, num_loops: int | None = None):
+        cfg = model.config
+        plan = model.loop_plan
+        self.batch_size = batch_size
+        self.capacity = cfg.block_size
+        self.num_loops = 1 if plan is None else (cfg.max_loops if num_loops is None else num_loops)
+        if self.num_loops < 1:
+            raise ValueError(f"num_loops={self.num_loops}: must be >= 1")
+        self.looped_blocks = () if plan is None else tuple(range(plan.start, plan.stop))
+        self.layers: dict[tuple[int, int], LayerKVCache] = {}
+        for b in range(cfg.n_layer):
+            iterations = self.num_loops if b in self.looped_blocks else 1
+            for i in range(1, iterations + 1):
+                self.layers[(b, i)] = LayerKVCache(self)
+        self.past_length = 0
+
+    def get(self, block_idx: int, iteration: int) -> LayerKVCache:
+        try:
+            return self.layers[(block_idx, iteration)]
+        except KeyError:
+            raise ValueError(
+                f"no cache for block {block_idx} at iteration {iteration}: this cache was built "
+                f"for {self.num_loops} iteration(s); build it with the num_loops of the forward"
+            ) from None
+
+    def rows(self, rows: torch.Tensor) -> _RowView:
+        return _RowView(self, rows)
+
+    def advance(self, t: int) -> None:
+        """Close a forward pass over `t` new positions: fill exited rows' later iterations."""
+        start, end = self.past_length, self.past_length + t
+        for b in self.looped_blocks:
+            # In increasing iteration order, so a row that stopped at e is copied e -> e+1 -> ...
+            for i in range(2, self.num_loops + 1):
+                self.layers[(b, i)]._fill_unwritten_from(self.layers[(b, i - 1)], start, end)
+        for layer in self.layers.values():
+            layer._clear_marks()
+        self.past_length = end
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept and overwritten)."""
+        self.past_length = 0
+        for layer in self.layers.values():
+            layer._clear_marks()
+
+
+class _Decoder:
+    """Feeds a batch of token streams through a model with a LoopKVCache and counts the work."""
+
+    def __init__(self, model, batch_size, num_loops, adaptive_exit, exit_threshold, refill_keep):
+        cfg = model.config
+        self.model = model
+        self.block_size = cfg.block_size
+        keep = cfg.block_size if refill_keep is None else int(refill_keep)
+        if not 1 <= keep <= cfg.block_size:
+            raise ValueError(f"refill_keep={refill_keep}: must be in [1, block_size={cfg.block_size}]")
+        self.refill_keep = keep
+        self.cache = LoopKVCache(model, batch_size, num_loops)
+        self.num_loops = self.cache.num_loops
+        self.adaptive_exit = adaptive_exit
+        self.exit_threshold = exit_threshold
+        self.stats = _Counter(model, self.num_loops)
+
+    def _forward(self, tokens, loop_exit, full):
+        logits, _ = self.model(
+            tokens,
+            num_loops=self.num_loops,
+            loop_exit=loop_exit,
+            exit_threshold=self.exit_threshold,
+            kv_caches=self.cache,
+        )
+        self.stats.count(self.model.last_loop_iterations, full=full)
+        return logits[:, -1, :]
+
+    def prefill(self, context):
+        """Empty the cache and process the last block_size tokens of `context`, full loops."""
+        self.cache.reset()
+        return self._forward(context[:, -self.block_size :], loop_exit=False, full=True)
+
+    def feed(self, context):
+        """Process the last token of `context` (all tokens so far); logits for the next one."""
+        if self.cache.past_length >= self.block_size:
+            self.cache.reset()
+            return self._forward(context[:, -self.refill_keep :], loop_exit=False, full=True)
+        return self._forward(context[:, -1:], loop_exit=self.adaptive_exit, full=False)
+
+
+class _Counter:
+    """Loop iterations and block applications spent per produced logit row."""
+
+    def __init__(self, model, num_loops):
+        self.n_layer = model.config.n_layer
+        self.units = [] if model.loop_plan is None else model.loop_plan.units
+        self.num_loops = num_loops
+        self.steps = 0
+        self.cached_steps = 0
+        self.full_forwards = 0
+        self.iterations = 0.0
+        self.block_applications = 0.0
+        self.start = time.perf_counter()
+
+    def count(self, unit_iterations, full: bool) -> None:
+        self.steps += 1
+        if full:
+            self.full_forwards += 1
+        else:
+            self.cached_steps += 1
+        if not self.units:
+            self.iterations += 1.0
+            self.block_applications += self.n_layer
+            return
+        per_unit = torch.stack([it.float() for it in unit_iterations])  # (units, rows)
+        self.iterations += per_unit.mean().item()
+        extra = sum(len(unit) * (per_unit[u] - 1) for u, unit in enumerate(self.units))
+        self.block_applications += self.n_layer + extra.mean().item()
+
+    def summary(self, device) -> dict:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - self.start
+        per_step = (lambda total: total / self.steps) if self.steps else (lambda _: float("nan"))
+        return {
+            "tokens": self.steps,
+            "cached_steps": self.cached_steps,
+            "full_forwards": self.full_forwards,
+            "num_loops": self.num_loops,
+            "mean_iterations": per_step(self.iterations),
+            "mean_block_applications": per_step(self.block_applications),
+            "seconds": seconds,
+            "tokens_per_second": self.steps / seconds if seconds > 0 else float("inf"),
+        }
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    adaptive_exit: bool = False,
+    exit_threshold: float | None = None,
+    *,
+    num_loops: int | None = None,
+    refill_keep: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Append `max_new_tokens` sampled tokens to `idx` (B, T); returns (tokens, stats).
+
+    `use_cache=False` recomputes the whole (cropped) context for every token, as nanoGPT's
+    `GPT.generate` does. Both paths draw with `sample_next_token`, so with the same generator
+    they sample the same tokens wherever their logits agree. Loops run `num_loops` iterations
+    (default: the model's `max_loops`) with the config's automatic exit ignored, unless
+    `adaptive_exit` asks for the per-token rule of the module docstring (cache only).
+
+    stats: `tokens` (logit rows produced, one per new token), `cached_steps` (single-token
+    forwards through the cache), `full_forwards` (prefills, re-prefills, or every step without
+    cache), `num_loops`, `mean_iterations` (loop iterations spent on the position whose logits
+    gave each new token, averaged over rows and looped units; prefills count `num_loops`; 1
+    without looping),
+    `mean_block_applications` (blocks applied to that position), `seconds`, `tokens_per_second`.
+    """
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be (batch, length) with length >= 1, got shape {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    if adaptive_exit and not use_cache:
+        raise ValueError(
+            "adaptive exit is per token and needs the KV cache; drop use_cache=False (--no_cache)"
+        )
+    if not use_cache:
+        return _generate_uncached(model, idx, max_new_tokens, temperature, top_k, generator, num_loops)
+    decoder = _Decoder(model, idx.shape[0], num_loops, adaptive_exit, exit_threshold, refill_keep)
+    if max_new_tokens == 0:
+        return idx, decoder.stats.summary(idx.device)
+    logits = decoder.prefill(idx)
+    for n in range(max_new_tokens):
+        idx_next = sample_next_token(logits, temperature, top_k, generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+        # The last token's own successor is never needed, so its forward is skipped.
+        if n + 1 < max_new_tokens:
+            logits = decoder.feed(idx)
+    return idx, decoder.stats.summary(idx.device)
+
+
+def _generate_uncached(model, idx, max_new_tokens, temperature, top_k, generator, num_loops):
+    block_size = model.config.block_size
+    loops = 1 if model.loop_plan is None else (model.config.max_loops if num_loops is None else num_loops)
+    stats = _Counter(model, loops)
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -block_size:], num_loops=num_loops, loop_exit=False)
+        stats.count(model.last_loop_iterations, full=True)
+        idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx, stats.summary(idx.device)
+
+
+@torch.no_grad()
+def teacher_forced_logits(
+    model: GPT,
+    idx: torch.Tensor,
+    prompt_length: int = 1,
+    *,
+    num_loops: int | None = None,
+    adaptive_exit: bool = False,
+    exit_threshold: float | None = None,
+    refill_keep: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Decode the given tokens one by one through the cache, as generation would.
+
+    The first `prompt_length` tokens are prefilled; then each token is fed alone. Returns logits
+    (B, T - prompt_length, V) predicting idx[:, prompt_length:], and the stats of `generate`.
+    With adaptive exit this measures what the per-token rule costs in loss on held-out text.
+    """
+    t = idx.shape[1]
+    if not 1 <= prompt_length < t:
+        raise ValueError(f"prompt_length={prompt_length}: must be in [1, {t - 1}] for {t} tokens")
+    decoder = _Decoder(model, idx.shape[0], num_loops, adaptive_exit, exit_threshold, refill_keep)
+    rows = [decoder.prefill(idx[:, :prompt_length])]
+    for n in range(prompt_length + 1, t):
+        rows.append(decoder.feed(idx[:, :n]))
+    return torch.stack(rows, dim=1), decoder.stats.summary(idx.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the `blockloop sample` command
+
+
+class SampleError(Exception):
+    """A problem the user can fix; `main` prints its one-line message and returns 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blockloop sample",
+        description="Generate text from a checkpoint written by `blockloop train`.",
+    )
+    p.add_argument(
+        "--out_dir", default="out",
+        help="training output dir; reads best.pt, else last.pt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--start",
+        default="\n",
+        help="prompt text, or FILE:path to read it from a file; for synthetic-task models, "
+        "token ids separated by spaces or commas (default: %(default)r)",
+    )
+    p.add_argument(
+        "--num_samples", type=int, default=10, help="samples to draw (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max_new_tokens", type=int, default=500,
+        help="tokens generated per sample (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8,
+        help="<1 sharper, >1 flatter; 0 is greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top_k", type=int, default=200,
+        help="sample among the k likeliest; 0 = all (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=1337, help="same seed, same text (default: %(default)s)")
+    p.add_argument(
+        "--device", default="auto",
+        help="cpu, cuda, cuda:1, mps ...; auto = cuda if available (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_loops", type=int, default=None,
+        help="loop iterations (default: None = the model's max_loops)",
+    )
+    p.add_argument(
+        "--adaptive_exit", action="store_true",
+        help="per-token exit: each new token loops until its state stops changing "
+        "(default: False)",
+    )
+    p.add_argument(
+        "--exit_threshold", type=float, default=None,
+        help="delta below which a token stops looping "
+        "(default: None = the model's automatic_loop_exit_threshold)",
+    )
+    p.add_argument(
+        "--no_cache", action="store_true",
+        help="recompute the whole context per token, nanoGPT's way (default: False)",
+    )
+    p.add_argument(
+        "--refill_keep", type=int, default=None,
+        help="tokens re-prefilled when the context outgrows block_size "
+        "(default: None = block_size, exact; smaller is faster)",
+    )
+    return p
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    """`out_dir`/best.pt, else `out_dir`/last.pt, else a SampleError saying what is missing."""
+    if not out_dir.is_dir():
+        raise SampleError(f"out_dir {out_dir} does not exist; pass --out_dir=<a training output dir>")
+    for name in ("best.pt", "last.pt"):
+        if (out_dir / name).is_file():
+            return out_dir / name
+    raise SampleError(f"no best.pt or last.pt in {out_dir}; train a model there first")
+
+
+def load_model(path: Path, device: str) -> tuple[GPT, dict]:
+    """The model of checkpoint `path` in eval mode on `device`, and the checkpoint's `meta`."""
+    from blockloop.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        payload = load_checkpoint(path, map_location="cpu")
+    except CheckpointError as e:
+        raise SampleError(str(e)) from None
+    for key in ("model", "model_config"):
+        if key not in payload:
+            raise SampleError(f"{path} has no '{key}' entry; it was not written by `blockloop train`")
+    try:
+        model = GPT(GPTConfig(**payload["model_config"]))
+        model.load_state_dict(payload["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise SampleError(f"{path}: cannot rebuild the model ({first})") from None
+    return model.eval().to(device), payload.get("meta") or {}
+
+
+class _IdCodec:
+    """Synthetic-task models have no text: prompts and samples are token ids."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(s) for s in text.replace(",", " ").split()]
+        except ValueError:
+            raise SampleError(
+                f"--start={text!r}: this is a synthetic-task model; give token ids separated by "
+                f"spaces or commas"
+            ) from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise SampleError(f"--start: token id {bad[0]} is outside [0, {self.vocab_size})")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def _tokenizer(meta: dict, vocab_size: int):
+    from blockloop.tokenizers import TokenizerUnavailableError, tokenizer_from_meta
+
+    if meta.get("task"):
+        return _IdCodec(vocab_size)
+    if "tokenizer" in meta:
+        spec = meta
+    elif "data_dir" in meta:
+        path = Path(meta["data_dir"]) / "meta.json"
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SampleError(
+                f"tokenizer meta missing: {path} not found (the checkpoint's data dir); "
+                f"prepare the dataset again with `blockloop prepare`"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise SampleError(f"tokenizer meta {path} is unreadable: {e}") from None
+    else:
+        raise SampleError("tokenizer meta missing: the checkpoint's meta names no data_dir or tokenizer")
+    try:
+        return tokenizer_from_meta(spec)
+    except (ValueError, TokenizerUnavailableError) as e:
+        raise SampleError(f"tokenizer: {e}") from None
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise SampleError(f"--device={device}: not usable here ({first})") from None
+    return device
+
+
+def _check_args(args) -> None:
+    if args.num_samples < 1:
+        raise SampleError(f"--num_samples={args.num_samples}: must be >= 1")
+    if args.max_new_tokens < 0:
+        raise SampleError(f"--max_new_tokens={args.max_new_tokens}: must be >= 0")
+    if args.top_k is not None and args.top_k < 0:
+        raise SampleError(f"--top_k={args.top_k}: must be >= 0 (0 = no top-k)")
+    if args.num_loops is not None and args.num_loops < 1:
+        raise SampleError(f"--num_loops={args.num_loops}: must be >= 1")
+    if args.exit_threshold is not None and not args.exit_threshold >= 0:
+        raise SampleError(f"--exit_threshold={args.exit_threshold}: must be >= 0")
+    if args.adaptive_exit and args.no_cache:
+        raise SampleError("--adaptive_exit is per token and needs the KV cache; drop --no_cache")
+
+
+def _sample(args) -> None:
+    _check_args(args)
+    device = _resolve_device(args.device)
+    model, meta = load_model(checkpoint_path(Path(args.out_dir)), device)
+    if args.refill_keep is not None and not 1 <= args.refill_keep <= model.config.block_size:
+        raise SampleError(
+            f"--refill_keep={args.refill_keep}: must be in [1, block_size={model.config.block_size}]"
+        )
+    tokenizer = _tokenizer(meta, model.config.vocab_size)
+    start = args.start
+    if start.startswith("FILE:"):
+        try:
+            start = Path(start[5:]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise SampleError(f"--start: cannot read {start[5:]}: {e.strerror or e}") from None
+    try:
+        ids = tokenizer.encode(start)
+    except ValueError as e:
+        raise SampleError(f"--start: {e}") from None
+    if not ids:
+        raise SampleError("--start encodes to no tokens; give at least one character")
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for n in range(args.num_samples):
+        y, stats = generate(
+            model,
+            x,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            generator=generator,
+            use_cache=not args.no_cache,
+            adaptive_exit=args.adaptive_exit,
+            exit_threshold=args.exit_threshold,
+            num_loops=args.num_loops,
+            refill_keep=args.refill_keep,
+        )
+        print(tokenizer.decode(y[0].tolist()))
+        print(SAMPLE_SEPARATOR, flush=True)
+        print(
+            f"sample {n + 1}/{args.num_samples}: {stats['tokens']} tokens, "
+            f"{stats['tokens_per_second']:.1f} tokens/s, mean loop iterations "
+            f"{stats['mean_iterations']:.2f} of {stats['num_loops']}",
+            file=sys.stderr,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return int(e.code or 0)
+    try:
+        with torch.no_grad():
+            _sample(args)
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
