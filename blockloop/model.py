@@ -27,6 +27,7 @@ from blockloop.looping import (
 # An upper bound on iteration counts so that a typo (max_loops=1e9) fails at construction,
 # not hours into a forward pass.
 MAX_LOOPS_LIMIT = 4096
+GELU_APPROXIMATIONS = ("none", "tanh")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # nn.GELU's `approximate`: "none" (exact, nanoGPT) or "tanh" (GPT-2's "gelu_new", which
+    # imported GPT-2 weights need to reproduce Hugging Face's logits).
+    gelu_approximate: str = "none"
     # Looping (see README "Looping" and blockloop/looping.py for the exact semantics).
     loop_center_idx: int = -1
     loop_radius: int = 0
@@ -78,6 +82,11 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
+        if self.gelu_approximate not in GELU_APPROXIMATIONS:
+            raise ValueError(
+                f"gelu_approximate={self.gelu_approximate!r}: must be one of "
+                f"{', '.join(repr(m) for m in GELU_APPROXIMATIONS)}"
+            )
         if self.loop_center_idx < -1:
             raise ValueError(
                 f"loop_center_idx={self.loop_center_idx}: must be -1 (no looping) "
@@ -129,7 +138,10 @@ class GPTConfig:
         return asdict(self)
 
 
-ARCHITECTURE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+ARCHITECTURE_KEYS = (
+    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias",
+    "gelu_approximate",
+)
 # Keys that change how the stack is iterated, not its weights: they may be switched on when
 # loading pretrained weights.
 LOOP_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ARCHITECTURE_KEYS)
@@ -191,7 +203,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -241,6 +253,14 @@ class GPT(nn.Module):
             self.looper.reset_adapters()
         self.last_loop_trace = None
         self.last_loop_iterations = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **loop_overrides) -> "GPT":
+        """GPT-2 from Hugging Face: a name or a local directory (see `blockloop.pretrained`)."""
+        # Imported here because blockloop.pretrained imports this module.
+        from blockloop.pretrained import from_pretrained
+
+        return from_pretrained(name_or_dir, **loop_overrides)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
