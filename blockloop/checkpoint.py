@@ -100,9 +100,14 @@ class _HashingWriter:
         self._f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error = None
 
     def write(self, data) -> int:
-        n = self._f.write(data)
+        try:
+            n = self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.sha256.update(data)
         self.size += n
         return n
@@ -179,7 +184,14 @@ def _write_data(tmp: Path, payload: dict) -> tuple[int, str]:
     """torch.save into `tmp`, flushed and fsynced; returns (size, sha256 hex)."""
     with open(tmp, "xb") as f:
         writer = _HashingWriter(f)
-        torch.save(payload, writer)
+        try:
+            torch.save(payload, writer)
+        except Exception:
+            # torch's zip writer reports a failed write as a RuntimeError about stream
+            # positions; the OSError behind it (a full disk) is what the user must see.
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
         on_disk = os.fstat(f.fileno()).st_size

@@ -16,10 +16,11 @@ import difflib
 import json
 import operator
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from blockloop.model import GPTConfig
+from blockloop.model import MAX_LOOPS_LIMIT, GPTConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
@@ -94,7 +95,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be a positive integer")
-        non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "threads")
+        # seed: batches are drawn from it by generators that take no negative seeds.
+        non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "threads", "seed")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
@@ -118,15 +120,15 @@ class TrainConfig:
             )
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"backend={self.backend!r}: must be auto, nccl or gloo")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(
                 f"device={self.device!r}: must be auto, cpu, cuda, cuda:N or mps"
             )
         for n in self.eval_loops:
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LOOPS_LIMIT:
                 raise ConfigError(
-                    f"eval_loops={self.eval_loops!r}: must be a list of positive integers, "
-                    f"e.g. --eval_loops=1,2,4,8"
+                    f"eval_loops={self.eval_loops!r}: must be a list of integers in "
+                    f"[1, {MAX_LOOPS_LIMIT}], e.g. --eval_loops=1,2,4,8"
                 )
         if not self.out_dir:
             raise ConfigError("out_dir is empty: name the directory for checkpoints and logs")

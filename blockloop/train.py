@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 from blockloop.checkpoint import CheckpointError, load_latest_good, save_checkpoint
-from blockloop.config import ConfigError, TrainConfig, parse_train_args, save_resolved_config
+from blockloop.config import (
+    TRAIN_MODEL_DEFAULTS,
+    ConfigError,
+    TrainConfig,
+    parse_train_args,
+    save_resolved_config,
+)
 from blockloop.looping import sample_num_loops
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 
@@ -80,7 +86,10 @@ class TrainingData:
                 )
             self.vocab_size = self.task.vocab_size
             self.meta = {"dataset": cfg.dataset, "vocab_size": self.vocab_size, "task": True}
-            self.heldout = heldout_set(self.task, cfg.task_eval_size, EVAL_SEED)
+            try:
+                self.heldout = heldout_set(self.task, cfg.task_eval_size, EVAL_SEED)
+            except ValueError as e:  # too few distinct examples for a held-out set
+                raise ConfigError(str(e)) from None
         else:
             from blockloop.data import TokenDataset
 
@@ -117,6 +126,13 @@ def resolve_device(cfg: TrainConfig) -> str:
     if cfg.device != "auto":
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device!r} but CUDA is not available; use --device=cpu")
+        if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={cfg.device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+        if cfg.device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device='mps' but MPS is not available here; use --device=cpu")
         return cfg.device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -244,6 +260,43 @@ def build_model(cfg: TrainConfig, model_overrides: dict, vocab_size: int) -> GPT
         raise ConfigError(str(e)) from None
 
 
+def check_memory(cfg: TrainConfig, model_config: GPTConfig, device: str) -> None:
+    """Refuse sizes that cannot fit in the device's memory, before anything is allocated.
+
+    The estimate is a lower bound (fp32 weights, gradients and AdamW's two moments of the block
+    matrices and embeddings, 16 bytes a parameter; the fixed evaluation batches, int64 inputs and
+    targets for two splits; one micro-batch of logits, 2 bytes an entry at best), so a refusal is
+    always right. It turns a typo such as n_embd=76800000 into an error naming the sizes rather
+    than an allocator failure deep inside torch, or the OOM killer.
+    """
+    c = model_config
+    params = 12 * c.n_layer * c.n_embd**2 + (c.vocab_size + c.block_size) * c.n_embd
+    tokens = cfg.batch_size * cfg.block_size
+    need = 16 * params + 32 * cfg.eval_iters * tokens + 2 * tokens * c.vocab_size
+    try:
+        if device.startswith("cuda"):
+            have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        else:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return  # memory size unknown here (no sysconf): nothing to compare against
+    if need > have:
+        raise ConfigError(
+            f"n_layer={c.n_layer}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, "
+            f"block_size={cfg.block_size}, batch_size={cfg.batch_size}, "
+            f"eval_iters={cfg.eval_iters}: training needs at least {need / 2**30:.3g} GiB, "
+            f"but {device} has {have / 2**30:.3g} GiB; reduce these sizes"
+        )
+
+
+def not_resumable(path, error: Exception) -> CheckpointError:
+    detail = " ".join(str(error).split())[:300]
+    return CheckpointError(
+        f"{path} is not a training checkpoint this run can resume ({type(error).__name__}: "
+        f"{detail}); it was not written by `blockloop train` or holds another model"
+    )
+
+
 def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     """Train according to `cfg`; returns a summary. Raises ConfigError before any work."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -285,6 +338,8 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
             raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable")
 
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    # train_flops is cumulative over the whole run, so a resumed run continues the count.
+    start_flops = 0.0
     if cfg.init_from == "resume":
         ckpt_path = out_dir / LAST_CKPT
         if not ckpt_path.exists():
@@ -292,19 +347,33 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
                 f"init_from='resume' but {ckpt_path} does not exist; train from scratch first"
             )
         checkpoint, used = load_latest_good(ckpt_path, map_location=device)
-        model_config = GPTConfig(**checkpoint["model_config"])
-        iter_num = int(checkpoint["iter_num"])
-        best_val_loss = float(checkpoint["best_val_loss"])
+        try:
+            model_config = GPTConfig(**checkpoint["model_config"])
+            iter_num = int(checkpoint["iter_num"])
+            best_val_loss = float(checkpoint["best_val_loss"])
+            start_flops = float(checkpoint.get("train_flops", 0.0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise not_resumable(used, e) from None
         log(f"resuming from {used} at iteration {iter_num}")
     elif cfg.init_from == "scratch":
         model_config = build_model(cfg, model_overrides, data.vocab_size)
     else:
         from blockloop.pretrained import load_pretrained
 
+        fixed = sorted(
+            k for k, v in model_overrides.items()
+            if k not in LOOP_KEYS and TRAIN_MODEL_DEFAULTS.get(k, object()) != v
+        )
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)}: the architecture comes from init_from={cfg.init_from!r}; "
+                f"only looping keys can be set when starting from trained weights"
+            )
         loop_keys = {k: v for k, v in model_overrides.items() if k in LOOP_KEYS}
         model = load_pretrained(cfg.init_from, **loop_keys)
         model_config = model.config
     if cfg.init_from in ("scratch", "resume"):
+        check_memory(cfg, model_config, device)
         torch.manual_seed(mix_seed(cfg.seed, 0, 0))
         model = GPT(model_config)
     if model_config.vocab_size < data.vocab_size:
@@ -319,7 +388,10 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     if cfg.block_size < model_config.block_size:
         model.crop_block_size(cfg.block_size)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise not_resumable(used, e) from None
     model.to(device)
 
     optimizer = model.configure_optimizers(
@@ -327,9 +399,12 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     )
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scaler" in checkpoint and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if "scaler" in checkpoint and checkpoint["scaler"]:
+                scaler.load_state_dict(checkpoint["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise not_resumable(used, e) from None
     checkpoint = None
 
     raw_model = model
@@ -338,11 +413,23 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+        # The concat adapters act from the second iteration on, so a step that samples a single
+        # iteration leaves them without gradients; DDP must then look for unused parameters.
+        may_skip_params = (
+            raw_model.looper is not None
+            and raw_model.looper.adapters is not None
+            and model_config.loop_sampling != "fixed"
+        )
+        model = DDP(
+            model,
+            device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
+            find_unused_parameters=may_skip_params,
+        )
 
     metrics = MetricsLog(out_dir / METRICS_FILE, enabled=master)
-    if cfg.init_from == "resume":
-        metrics.truncate_from(iter_num)
+    # Also for a fresh run (iter_num 0, log emptied): records left by an earlier run in this
+    # out_dir, e.g. one killed before its first checkpoint, must not mix into this run's log.
+    metrics.truncate_from(iter_num)
     if master:
         save_resolved_config(out_dir / "config.json", cfg, model_config)
 
@@ -365,8 +452,19 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
 
     eval_sets = {"train": data.eval_batches("train"), "val": data.eval_batches("val")}
     loop_counts = [n for n in cfg.eval_loops if raw_model.loop_plan is not None]
+    if any(n > 1 for n in loop_counts) and raw_model.looper.injection == "concat" and (
+        raw_model.looper.adapters is None
+    ):
+        raise ConfigError(
+            f"eval_loops={cfg.eval_loops}: a 'concat' loop built with max_loops=1 has no "
+            f"adapters, so it cannot be evaluated at more than one iteration; set max_loops >= 2 "
+            f"or leave out eval_loops above 1"
+        )
 
     def run_eval(it: int) -> dict:
+        # Loop noise in evaluation draws from the global generator: seed it from the iteration,
+        # or a resumed run's first evaluation would see other noise than the uninterrupted run's.
+        torch.manual_seed(mix_seed(EVAL_SEED, it))
         record = {"iter": it, "kind": "eval"}
         for split, batches in eval_sets.items():
             res = evaluate(model, batches, ctx, device)
@@ -392,13 +490,14 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
             "train_config": cfg.to_dict(),
             "iter_num": it,
             "best_val_loss": best_val_loss,
+            "train_flops": train_flops,
             "meta": data.meta if data.task is not None else {"data_dir": str(cfg.resolved_data_dir())},
         }
 
     stop = StopRequest()
     stop.install()
     t_start = time.time()
-    train_flops = 0.0
+    train_flops = start_flops
     tokens_done = 0
     final_val = None
     stopped_by = None
@@ -424,22 +523,32 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
                     f"step {iter_num}: train loss {record['train_loss']:.4f}, "
                     f"val loss {record['val_loss']:.4f}{extra}"
                 )
+                if not (math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])):
+                    # A step with a finite loss can still leave NaN weights (an overflow in the
+                    # backward pass); saving them would push the last good checkpoint out of
+                    # .prev, and skipping batches cannot bring them back.
+                    raise FloatingPointError(
+                        f"non-finite evaluation loss at iteration {iter_num}: the weights have "
+                        f"diverged and are not saved; the last good checkpoint is kept in "
+                        f"{out_dir}. Try a lower learning_rate (now {cfg.learning_rate}) or "
+                        f"dtype=float32/bfloat16 instead of float16"
+                    )
                 improved = record["val_loss"] < best_val_loss
                 if improved:
                     best_val_loss = record["val_loss"]
                 if master and iter_num > 0 and not cfg.eval_only:
                     # best.pt is only ever replaced by a better model; last.pt is what resumes.
+                    # best.pt first: a run killed between the two saves resumes from the older
+                    # last.pt and redoes this evaluation, saves included; in the other order it
+                    # would resume with best_val_loss already lowered and never write best.pt.
                     payload = checkpoint_payload(iter_num)
-                    if improved or cfg.always_save_checkpoint:
-                        save_checkpoint(out_dir / LAST_CKPT, payload)
                     if improved:
                         save_checkpoint(out_dir / BEST_CKPT, payload)
+                    if improved or cfg.always_save_checkpoint:
+                        save_checkpoint(out_dir / LAST_CKPT, payload)
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 break
 
-            # Dropout and loop noise draw from the global generator: reseed it per step so the
-            # step's randomness does not depend on how the run got here (resume is exact).
-            torch.manual_seed(mix_seed(cfg.seed, iter_num, rank, 1))
             num_loops = None
             if raw_model.loop_plan is not None and model_config.loop_sampling != "fixed":
                 gen = torch.Generator().manual_seed(mix_seed(cfg.seed, iter_num, 2))
@@ -452,6 +561,10 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
             iter_counts = []
             for micro in range(accum_per_rank):
                 global_micro = micro * world + rank
+                # Dropout and loop noise draw from the global generator: reseed it per global
+                # micro-step, so that their draws depend neither on how the run got here (resume
+                # is exact) nor on how micro-steps are split across ranks (DDP = one process).
+                torch.manual_seed(mix_seed(cfg.seed, iter_num, global_micro, 1))
                 x, y = data.train_batch(iter_num, global_micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = nullcontext()
@@ -468,10 +581,15 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
                         torch.stack([i.float() for i in raw_model.last_loop_iterations]).mean()
                     )
             loss_value = loss_sum.item()
+            stop_requested = stop.signal_name is not None
             if ddp:
-                t = torch.tensor([loss_value], device=device)
+                # The stop flag travels with the loss: a signal that reaches the ranks at
+                # different steps must still stop them all after the same one, or the ranks
+                # still training would wait forever for the ones that left.
+                t = torch.tensor([loss_value, float(stop_requested)], device=device)
                 torch.distributed.all_reduce(t)
-                loss_value = t.item() / world
+                loss_value = t[0].item() / world
+                stop_requested = t[1].item() > 0
             if not math.isfinite(loss_value):
                 if cfg.nan_policy == "skip":
                     optimizer.zero_grad(set_to_none=True)
@@ -515,12 +633,12 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
             if bar is not None:
                 bar.update(1)
             iter_num += 1
-            if stop.signal_name is not None:
-                stopped_by = stop.signal_name
+            if stop_requested:
+                stopped_by = stop.signal_name or "a signal to another rank"
                 if master:
                     save_checkpoint(out_dir / LAST_CKPT, checkpoint_payload(iter_num))
                     write(
-                        f"{stopped_by} received: saved {out_dir / LAST_CKPT} at iteration "
+                        f"stopped by {stopped_by}: saved {out_dir / LAST_CKPT} at iteration "
                         f"{iter_num}. To resume, run the same command with --init_from=resume"
                     )
                 break
@@ -554,16 +672,20 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: blockloop train [CONFIG_FILE ...] [--key=value ...]\n")
         print(help_text())
         return 0
+    from blockloop.data import DataError
+
     try:
         cfg, model_overrides = parse_train_args(argv)
         result = train(cfg, model_overrides)
-    except (ConfigError, CheckpointError) as e:
+    # OSError: an unreadable file or directory, a full disk outside checkpoints; its message
+    # names the path, which is all the user needs (a traceback would bury it).
+    except (ConfigError, CheckpointError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if result.stopped_by is None:
+    if result.stopped_by is None and int(os.environ.get("RANK", 0)) == 0:
         print(f"done: best val loss {result.best_val_loss:.4f}; checkpoints in {result.out_dir}")
     return 0
 
