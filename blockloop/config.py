@@ -216,11 +216,18 @@ def _literal(node, where: str):
     )
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
+# A config file may start from another one: `base_config = "train_gpt2.py"` (relative to the
+# file) reads that file first and lets this one override it, so variants repeat no settings.
+BASE_CONFIG_KEY = "base_config"
+
+
+def read_config_file(path: str | os.PathLike, _chain: tuple = ()) -> dict:
     """`key = value` assignments from a nanoGPT-style Python config file, parsed safely."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
+    if path.resolve() in _chain:
+        raise ConfigError(f"config file {path}: {BASE_CONFIG_KEY} chain loops back to itself")
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
     except SyntaxError as e:
@@ -239,6 +246,13 @@ def read_config_file(path: str | os.PathLike) -> dict:
         ):
             raise ConfigError(f"{where}: expected 'key = value'")
         values[node.targets[0].id] = _literal(node.value, where)
+    if BASE_CONFIG_KEY in values:
+        base_name = values.pop(BASE_CONFIG_KEY)
+        if not isinstance(base_name, str):
+            raise ConfigError(f"config file {path}: {BASE_CONFIG_KEY} must be a file name string")
+        base = read_config_file(path.parent / base_name, _chain + (path.resolve(),))
+        base.update(values)
+        values = base
     return values
 
 

@@ -5,7 +5,7 @@
 #   torchrun --standalone --nproc_per_node=8 -m blockloop.train config/train_gpt2_loop_tied.py
 # Compare with config/train_gpt2.py (depth-matched, 12 unique blocks, 123.6M parameters) and
 # with config/train_gpt2_loop_untied.py (same depth and parameters, different block order).
-# Everything but the model keys is train_gpt2.py's recipe.
+# Everything but the model keys is train_gpt2.py's recipe (base_config).
 #
 # Parameters: 81.1M (6 blocks x 7.1M + 38.6M token embedding/head). FLOPs per token are GPT-2
 # small's (12 block applications), so an iteration costs about as much compute as train_gpt2.py.
@@ -18,42 +18,14 @@
 # activations; --loop_checkpointing=True keeps only the input of each looped iteration (~38 MB
 # in fp32) and recomputes the rest in the backward pass: ~2.5 GB less, for one extra forward of
 # the looped blocks.
+base_config = "train_gpt2.py"
 
 out_dir = "out-gpt2-loop-tied"
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-wandb_log = False
-wandb_project = "owt"
 wandb_run_name = "gpt2-loop-tied"
-
-dataset = "openwebtext"
-batch_size = 12
-block_size = 1024
-gradient_accumulation_steps = 5 * 8
-
 n_layer = 6
-n_head = 12
-n_embd = 768
-vocab_size = 50304
-dropout = 0.0
-bias = False
-
 loop_center_idx = 2
 loop_radius = 1
 max_loops = 3
 tied_looping = True
 loop_input_injection = "add"
 eval_loops = [1, 2, 3, 4, 6]  # test-time loop scaling, logged at each evaluation
-
-learning_rate = 6e-4
-max_iters = 600000
-lr_decay_iters = 600000
-min_lr = 6e-5
-warmup_iters = 2000
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-
-compile = True

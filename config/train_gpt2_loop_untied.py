@@ -9,42 +9,14 @@
 # 491,520. Memory per GPU, an estimate (not measured; method in train_gpt2.py): as the tied
 # variant, ~1.3 GB of weights, gradients and AdamW moments plus ~3.9 GB of block activations
 # (12 applications) and ~2.5-6 GB of logits, ~9-11 GB in all.
+base_config = "train_gpt2.py"
 
 out_dir = "out-gpt2-loop-untied"
-eval_interval = 1000
-eval_iters = 200
-log_interval = 10
-wandb_log = False
-wandb_project = "owt"
 wandb_run_name = "gpt2-loop-untied"
-
-dataset = "openwebtext"
-batch_size = 12
-block_size = 1024
-gradient_accumulation_steps = 5 * 8
-
 n_layer = 6
-n_head = 12
-n_embd = 768
-vocab_size = 50304
-dropout = 0.0
-bias = False
-
 loop_center_idx = 2
 loop_radius = 1
 max_loops = 3
 tied_looping = False
 loop_input_injection = "add"
-eval_loops = [1, 2, 3, 4, 6]
-
-learning_rate = 6e-4
-max_iters = 600000
-lr_decay_iters = 600000
-min_lr = 6e-5
-warmup_iters = 2000
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-
-compile = True
+eval_loops = [1, 2, 3, 4, 6]  # test-time loop scaling, logged at each evaluation

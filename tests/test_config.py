@@ -74,3 +74,21 @@ def test_unknown_key_in_file_is_refused(tmp_path):
     bad.write_text("n_layers = 4\n")
     with pytest.raises(ConfigError, match="n_layers.*n_layer"):
         parse_train_args([str(bad)])
+
+
+def test_base_config_is_read_first_and_overridden(tmp_path):
+    (tmp_path / "base.py").write_text('batch_size = 8\nlearning_rate = 1e-3\nout_dir = "base"\n')
+    (tmp_path / "child.py").write_text('base_config = "base.py"\nbatch_size = 4\n')
+    cfg, _ = parse_train_args([str(tmp_path / "child.py"), "--learning_rate=2e-3"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (4, 2e-3, "base")
+    (tmp_path / "a.py").write_text('base_config = "b.py"\n')
+    (tmp_path / "b.py").write_text('base_config = "a.py"\n')
+    with pytest.raises(ConfigError, match="loops back"):
+        parse_train_args([str(tmp_path / "a.py")])
+
+
+def test_looped_shakespeare_configs_extend_nanogpts():
+    plain, _ = parse_train_args([str(ROOT / "config/train_shakespeare_char.py")])
+    tied, model = parse_train_args([str(ROOT / "config/train_shakespeare_char_loop_tied.py")])
+    assert tied.learning_rate == plain.learning_rate and tied.max_iters == plain.max_iters
+    assert model["loop_center_idx"] == 2 and model["max_loops"] == 2 and model["n_embd"] == 384
