@@ -120,7 +120,12 @@ class ConcatAdapter(nn.Module):
 
 
 def relative_change(new, old):
-    """delta per sequence: mean over tokens of ||new - old|| / (||old|| + 1e-6)."""
+    """delta per sequence: mean over tokens of ||new - old|| / (||old|| + 1e-6).
+
+    Computed in float32 at least: in a bf16 model the rounding of the difference alone would
+    exceed thresholds like 1e-3 and change exit decisions.
+    """
+    new, old = new.float(), old.float()
     return ((new - old).norm(dim=-1) / (old.norm(dim=-1) + 1e-6)).mean(dim=-1)
 
 

@@ -133,6 +133,13 @@ class GPTConfig:
                 f"loop_backprop_depth={self.loop_backprop_depth}: must be >= 0 "
                 f"(0 backpropagates through every iteration)"
             )
+        if self.loop_backprop_depth > 0 and self.automatic_loop_exit_in_training:
+            # The gradient window is the last k of the planned iterations; exiting earlier could
+            # leave no iteration carrying gradient at all.
+            raise ValueError(
+                "loop_backprop_depth > 0 cannot be combined with "
+                "automatic_loop_exit_in_training=True; use one of them"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -332,9 +339,12 @@ class GPT(nn.Module):
         if backprop_loops is None:
             backprop_loops = t if depth == 0 else min(t, depth)
         b = float(backprop_loops)
+        # Without injection, truncation cuts the only path back to the blocks before the loop.
+        reaches_before = b >= t or self.config.injection_mode != "none"
+        outside_with_grad = outside if reaches_before else outside - self.loop_plan.start
         grad_forward = (
             base_forward
-            + outside * per_block_forward
+            + outside_with_grad * per_block_forward
             + b * loop_forward_per_iter
             + max(min(b, t - 1), 0) * units * adapter_forward
         )

@@ -162,15 +162,17 @@ def evaluate(model, batches, ctx, device, **forward_kwargs) -> dict:
     """
     was_training = model.training
     model.eval()
-    losses, correct, counted, iterations = [], 0, 0, []
+    # Weighted by scored targets, so a short last batch (task held-out sets) counts as its size.
+    loss_sum, correct, counted, iterations = 0.0, 0, 0, []
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with ctx:
             logits, loss = model(x, y, **forward_kwargs)
-        losses.append(loss.item())
         mask = y != -1
+        n = mask.sum().item()
+        loss_sum += loss.item() * n
         correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-        counted += mask.sum().item()
+        counted += n
         raw = model.module if hasattr(model, "module") else model
         raw = getattr(raw, "_orig_mod", raw)
         if raw.last_loop_iterations is not None:
@@ -178,7 +180,7 @@ def evaluate(model, batches, ctx, device, **forward_kwargs) -> dict:
                 torch.stack([it.float() for it in raw.last_loop_iterations]).mean().item()
             )
     model.train(was_training)
-    out = {"loss": sum(losses) / len(losses), "accuracy": correct / max(counted, 1)}
+    out = {"loss": loss_sum / max(counted, 1), "accuracy": correct / max(counted, 1)}
     if iterations:
         out["mean_iterations"] = sum(iterations) / len(iterations)
     return out
@@ -354,6 +356,17 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
             start_flops = float(checkpoint.get("train_flops", 0.0))
         except (KeyError, TypeError, ValueError) as e:
             raise not_resumable(used, e) from None
+        saved = model_config.to_dict()
+        changed = sorted(
+            k for k, v in model_overrides.items()
+            if k in saved and saved[k] != v and TRAIN_MODEL_DEFAULTS.get(k, object()) != v
+        )
+        if changed:
+            raise ConfigError(
+                f"{', '.join(f'{k}={model_overrides[k]!r}' for k in changed)}: differs from the "
+                f"checkpoint being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
+                f"a resumed run keeps its model, so drop these flags or start a new out_dir"
+            )
         log(f"resuming from {used} at iteration {iter_num}")
     elif cfg.init_from == "scratch":
         model_config = build_model(cfg, model_overrides, data.vocab_size)
@@ -413,12 +426,13 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # The concat adapters act from the second iteration on, so a step that samples a single
-        # iteration leaves them without gradients; DDP must then look for unused parameters.
-        may_skip_params = (
-            raw_model.looper is not None
-            and raw_model.looper.adapters is not None
-            and model_config.loop_sampling != "fixed"
+        # Some steps leave parameters without gradients, and DDP must then look for them: the
+        # concat adapters when a sampled count is 1 (they act from iteration 2), and everything
+        # before the loop under truncated backprop without injection (no path back to x0).
+        looper = raw_model.looper
+        may_skip_params = looper is not None and (
+            (looper.adapters is not None and model_config.loop_sampling != "fixed")
+            or (model_config.loop_backprop_depth > 0 and model_config.injection_mode == "none")
         )
         model = DDP(
             model,

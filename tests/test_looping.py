@@ -349,11 +349,14 @@ def test_num_loops_override_and_accounting():
     plain4 = model_with(n_layer=4)
     assert two_looped.flops_per_token() == pytest.approx(plain4.flops_per_token())
     assert two_looped.get_num_params() < plain4.get_num_params()
-    # Truncated backprop removes the backward of the no-grad iterations only.
-    truncated = model_with(n_layer=2, loop_center_idx=1, max_loops=3, loop_backprop_depth=1)
+    # Truncated backprop removes the backward of the no-grad iterations; without injection
+    # also that of the blocks before the loop, which no gradient reaches any more.
     plain2 = model_with(n_layer=2)
     block_fwd = (plain4.flops_per_token(training=False) - plain2.flops_per_token(training=False)) / 2
-    assert truncated.flops_per_token() == pytest.approx(plain4.flops_per_token() - 2 * 2 * block_fwd)
+    truncated_add = model_with(n_layer=2, loop_center_idx=1, max_loops=3, loop_backprop_depth=1, loop_input_injection="add")
+    assert truncated_add.flops_per_token() == pytest.approx(plain4.flops_per_token() - 2 * 2 * block_fwd)
+    truncated_none = model_with(n_layer=2, loop_center_idx=1, max_loops=3, loop_backprop_depth=1)
+    assert truncated_none.flops_per_token() == pytest.approx(plain4.flops_per_token() - 3 * 2 * block_fwd)
 
 
 def test_loop_sampling_means_and_determinism():
@@ -395,6 +398,7 @@ def test_relative_change_definition():
         (dict(concatenate_initial_representation=True, loop_input_injection="add"), "concatenate_initial_representation"),
         (dict(loop_sampling="normal"), "loop_sampling"),
         (dict(loop_backprop_depth=-1), "loop_backprop_depth"),
+        (dict(loop_backprop_depth=2, automatic_loop_exit_in_training=True), "loop_backprop_depth"),
         (dict(max_loops=2.5), "max_loops"),
         (dict(tied_looping="yes"), "tied_looping"),
     ],

@@ -142,3 +142,25 @@ def test_synthetic_task_training_logs_accuracy(tmp_path):
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in evals)
     assert all(math.isfinite(r["val_loss"]) for r in evals)
+
+
+def test_resume_refuses_a_changed_model_key(tmp_path):
+    data = write_token_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    run(tiny_args(data, out, "--max_iters=4", "--loop_center_idx=1", "--max_loops=2"))
+    with pytest.raises(ConfigError, match="max_loops=3.*max_loops=2"):
+        run(tiny_args(data, out, "--max_iters=8", "--init_from=resume", "--loop_center_idx=1", "--max_loops=3"))
+    run(tiny_args(data, out, "--max_iters=8", "--init_from=resume", "--loop_center_idx=1", "--max_loops=2"))
+
+
+def test_task_eval_loss_weights_batches_by_size():
+    from blockloop.train import evaluate
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=13, n_layer=1, n_head=1, n_embd=8))
+    x = torch.randint(0, 13, (5, 8))
+    y = torch.full((5, 8), -1)
+    y[:, -1] = torch.randint(0, 13, (5,))
+    whole = evaluate(model, [(x, y)], torch.no_grad(), "cpu")["loss"]
+    split = evaluate(model, [(x[:4], y[:4]), (x[4:], y[4:])], torch.no_grad(), "cpu")["loss"]
+    assert split == pytest.approx(whole, rel=1e-6)
