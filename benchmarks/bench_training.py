@@ -186,6 +186,25 @@ def bench_cpu_bf16(rounds) -> dict:
     return {"fp32_ms": med["fp32"] * 1e3, "bf16_ms": med["bf16"] * 1e3, "bf16_speedup": med["fp32"] / med["bf16"]}
 
 
+def bench_compile(rounds) -> dict:
+    """torch.compile against eager for a training step (compile time excluded, reported apart)."""
+    out = {}
+    for name, extra in (("plain", {}), ("looped_1x3", {"n_layer": 2, "loop_center_idx": 1, "max_loops": 3})):
+        torch.manual_seed(0)
+        eager = GPT(GPTConfig(**{**BABY, **extra}))
+        torch.manual_seed(0)
+        compiled = torch.compile(GPT(GPTConfig(**{**BABY, **extra})))
+        compiled_step = make_step(compiled, BABY_BATCH, 64, 65)
+        t0 = time.perf_counter()
+        compiled_step()
+        out[f"{name}_compile_s"] = time.perf_counter() - t0
+        med = paired_times({"eager": make_step(eager, BABY_BATCH, 64, 65), "compiled": compiled_step}, rounds)
+        out[f"{name}_eager_ms"] = med["eager"] * 1e3
+        out[f"{name}_compiled_ms"] = med["compiled"] * 1e3
+        out[f"{name}_compiled_speedup"] = med["eager"] / med["compiled"]
+    return out
+
+
 def bench_mfu(rounds) -> dict:
     """Loop-aware MFU of the baby config, plain and looped, against the measured matmul peak."""
     peak = measure_peak_flops()
@@ -222,6 +241,8 @@ def main(argv=None) -> int:
     print("loop overhead", results["loop_overhead"], flush=True)
     results["mfu"] = bench_mfu(rounds)
     print("mfu", results["mfu"], flush=True)
+    results["compile"] = bench_compile(rounds)
+    print("compile", results["compile"], flush=True)
     results["memory"] = bench_memory()
     for row in results["memory"]:
         print("memory", row, flush=True)

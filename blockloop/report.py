@@ -1,0 +1,799 @@
+"""The experiment report: Markdown tables and PNG figures from an experiment's output directory.
+
+`write_report(out_dir)` reads what `blockloop.experiment` wrote (`experiment.json`: the plan;
+`results.jsonl`: one record per run; each run's `metrics.jsonl`: the training curve) and writes
+`report/report.md` with, per section:
+
+- a table per variant: unique parameters, effective depth, training FLOPs, tokens/s, wall time,
+  best and final validation loss (accuracy for synthetic tasks, with the trivial-strategy floors
+  beside it) as mean ± sample standard deviation over seeds, and the iterations used under
+  automatic exit;
+- figures, each followed by how to read it: validation curves against iterations and training
+  FLOPs; test-time loop scaling; the automatic-exit threshold sweep; the recurrence-equivalence
+  figure (where each looped model lands between its parameter-matched and depth-matched plain
+  references); accuracy against the number of hops asked (tasks);
+- generated samples (token data), and every failed run with its error.
+
+Only records whose config hash matches the current plan are used, so a result left over from an
+edited experiment file is never reported as current. Figures use matplotlib's object API with
+the Agg canvas, so importing this module never changes the caller's matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
+
+from blockloop.experiment import PLAN_FILE, REPORT_DIR, RUNS_DIR, load_results
+
+FIG_DPI = 110
+# Losses above log(vocab) + this margin are worse than guessing uniformly; drawing them to scale
+# would flatten every informative curve, so they are drawn at the top edge with a marker.
+LOSS_CLIP_MARGIN = 0.25
+# Training-curve loss axes show the part of training after this fraction (see fig_training_curves).
+ZOOM_FROM = 0.2
+# x range of the recurrence-equivalence figure (0 = parameter-matched, 1 = depth-matched).
+EQUIVALENCE_WINDOW = (-1.0, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_jsonl(path: Path) -> list:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    return out
+
+
+def _curve(run_dir: Path) -> dict:
+    """Evaluation points of a run: iterations, FLOPs spent before them, val loss and accuracy."""
+    recs = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    train = [r for r in recs if r.get("kind") == "train" and "train_flops" in r]
+    iters = np.array([r["iter"] for r in evals], dtype=float)
+    if train:
+        # train_flops is cumulative after step `iter`, so it is the cost of `iter + 1` steps.
+        xp = np.array([0.0] + [r["iter"] + 1 for r in train])
+        fp = np.array([0.0] + [r["train_flops"] for r in train])
+        flops = np.interp(iters, xp, fp)
+    else:
+        flops = np.full(len(iters), np.nan)
+
+    def col(key):
+        return np.array([np.nan if r.get(key) is None else r[key] for r in evals], dtype=float)
+
+    return {"iters": iters, "flops": flops, "val_loss": col("val_loss"),
+            "val_accuracy": col("val_accuracy")}
+
+
+class SectionData:
+    """A section of the plan with its current results, grouped by variant."""
+
+    def __init__(self, info: dict, plan_runs: list, records: dict, out_dir: Path):
+        self.name = info["name"]
+        self.info = info
+        self.variants = info["variants"]
+        self.by_variant = {v["name"]: [] for v in self.variants}
+        self.failed = {v["name"]: [] for v in self.variants}
+        self.missing = {v["name"]: [] for v in self.variants}
+        for run in plan_runs:
+            if run["section"] != self.name:
+                continue
+            rec = records.get(run["run_id"])
+            if rec is None or rec.get("spec_hash") != run["spec_hash"]:
+                self.missing[run["variant"]].append(run)
+            elif rec.get("status") == "ok":
+                rec = dict(rec)
+                rec["_curve"] = _curve(Path(out_dir) / RUNS_DIR / run["run_id"])
+                self.by_variant[run["variant"]].append(rec)
+            else:
+                self.failed[run["variant"]].append(rec)
+        for recs in self.by_variant.values():
+            recs.sort(key=lambda r: r["seed"])
+        first = next((r for recs in self.by_variant.values() for r in recs), None)
+        self.is_task = first is not None and "floors" in first
+        self.floors = first.get("floors") if first is not None else None
+        self.vocab_size = first.get("vocab_size") if first is not None else None
+        self.trained_hops = first.get("trained_hops") if first is not None else None
+        palette = _palette(len(self.variants))
+        self.colors = {v["name"]: palette[i] for i, v in enumerate(self.variants)}
+
+    @property
+    def metric(self) -> str:
+        return "val_accuracy" if self.is_task else "val_loss"
+
+    @property
+    def metric_label(self) -> str:
+        return "validation accuracy" if self.is_task else "validation loss"
+
+    def looped(self) -> list:
+        return [v for v in self.variants if v["looped"] and self.by_variant[v["name"]]]
+
+    def summary_value(self, rec: dict) -> float | None:
+        """The one number per run the comparisons use: best val loss, or final val accuracy."""
+        return rec.get("final_val_accuracy") if self.is_task else rec.get("best_val_loss")
+
+    def loss_top(self) -> float | None:
+        if self.is_task or not self.vocab_size:
+            return None
+        return math.log(self.vocab_size) + LOSS_CLIP_MARGIN
+
+
+def _palette(n: int) -> list:
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers and tables
+
+
+def _stats(values) -> tuple[float, float | None, int]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), None, 0
+    mean = sum(vals) / len(vals)
+    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return mean, sd, len(vals)
+
+
+def _pm(values, fmt: str = "{:.4f}") -> str:
+    mean, sd, n = _stats(values)
+    if n == 0:
+        return "—"
+    return fmt.format(mean) + (f" ± {fmt.format(sd)}" if sd is not None else "")
+
+
+def _si(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    for div, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _md(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _summary_table(sec: SectionData) -> list:
+    task = sec.is_task
+    head = ["variant", "role", "unique params", "eff. depth", "iters", "train FLOPs", "tokens/s",
+            "wall s"]
+    head += (["final val acc", "best val acc", "best floor", "final val loss"] if task
+             else ["best val loss", "final val loss"])
+    head += ["iters used, auto exit", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in sec.variants:
+        recs = sec.by_variant[v["name"]]
+        name = v["name"]
+        role = "reference" if v["role"] == "baseline" else ("looped" if v["looped"] else "plain")
+        if v["role"] == "baseline":
+            role += " (added)"
+        if not recs:
+            n_fail = len(sec.failed[name])
+            status = f"{n_fail} failed" if n_fail else "not run"
+            cells = [_md(name), role] + ["—"] * (len(head) - 3) + [status]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        r0 = recs[0]
+        exit_cell = "—"
+        if v["looped"]:
+            used = [r.get("exit_default", {}).get("mean_iterations") for r in recs]
+            exit_cell = f"{_pm(used, '{:.2f}')} of {r0.get('max_loops')}"
+        cells = [
+            _md(name), role, f"{r0.get('n_params', 0):,}", str(r0.get("effective_depth", "—")),
+            str(r0.get("iter_num", "—")),
+            _si(_stats([r.get("train_flops") for r in recs])[0]),
+            f"{_stats([r.get('tokens_per_sec') for r in recs])[0]:,.0f}",
+            f"{_stats([r.get('wall_time_s') for r in recs])[0]:.1f}",
+        ]
+        if task:
+            # The floor sits beside every accuracy: a failing model can look half right.
+            floors = r0.get("floors") or {}
+            cells += [_pm([r.get("final_val_accuracy") for r in recs], "{:.3f}"),
+                      _pm([r.get("best_val_accuracy") for r in recs], "{:.3f}"),
+                      f"{max(floors.values()):.3f}" if floors else "—",
+                      _pm([r.get("final_val_loss") for r in recs])]
+        else:
+            cells += [_pm([r.get("best_val_loss") for r in recs]),
+                      _pm([r.get("final_val_loss") for r in recs])]
+        n_fail = len(sec.failed[name])
+        seeds = ", ".join(str(r["seed"]) for r in recs) + (f" ({n_fail} failed)" if n_fail else "")
+        cells += [exit_cell, seeds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _floors_text(floors: dict | None) -> str:
+    if not floors:
+        return ""
+    names = {"uniform": "uniform guess", "majority": "majority answer",
+             "copy_last": "copy the last token", "anything_but_last": "anything but the last token"}
+    parts = []
+    for k, v in floors.items():
+        label = names.get(k, k.replace("_", " "))
+        parts.append(f"{label} {v:.3f}")
+    return ("Trivial-strategy floors on this held-out set (a model at or below these has learnt "
+            "nothing useful): " + ", ".join(parts) + f"; best floor **{max(floors.values()):.3f}**.")
+
+
+def gap_fractions(sec: SectionData, v: dict) -> tuple[list, dict] | None:
+    """Per seed, the fraction of the parameter-to-depth gap that looped variant `v` closes:
+    0 = as good as the parameter-matched plain model, 1 = as good as the depth-matched one.
+    Returns (fractions, details) or None when a reference has no result."""
+    refs = v.get("references") or {}
+    if "param" not in refs or "depth" not in refs:
+        return None
+    p_recs = sec.by_variant.get(refs["param"], [])
+    d_recs = sec.by_variant.get(refs["depth"], [])
+    v_recs = sec.by_variant[v["name"]]
+    if not (p_recs and d_recs and v_recs):
+        return None
+
+    def at_seed(recs, seed):
+        # Seeds share training batches, so a same-seed reference is the fairest pairing; fall
+        # back to the reference's mean when that seed is missing.
+        same = [sec.summary_value(r) for r in recs if r["seed"] == seed]
+        vals = same if same and same[0] is not None else [sec.summary_value(r) for r in recs]
+        return _stats(vals)[0]
+
+    fractions = []
+    for r in v_recs:
+        value = sec.summary_value(r)
+        p, d = at_seed(p_recs, r["seed"]), at_seed(d_recs, r["seed"])
+        if value is None or not (math.isfinite(p) and math.isfinite(d)) or abs(p - d) < 1e-12:
+            continue
+        fractions.append((r["seed"], (value - p) / (d - p)))
+    p_mean, p_sd, _ = _stats([sec.summary_value(r) for r in p_recs])
+    d_mean, d_sd, _ = _stats([sec.summary_value(r) for r in d_recs])
+    noise = max(p_sd or 0.0, d_sd or 0.0)
+    details = {
+        "param": refs["param"], "depth": refs["depth"], "param_value": p_mean,
+        "depth_value": d_mean,
+        "value": _stats([sec.summary_value(r) for r in v_recs])[0],
+        "gap": d_mean - p_mean,
+        # With the gap inside twice the seed spread, the fraction is mostly noise.
+        "unreliable": noise > 0 and abs(d_mean - p_mean) < 2 * noise,
+    }
+    return fractions, details
+
+
+def _equivalence_unreliable(sec: SectionData) -> list:
+    out = []
+    for v in sec.looped():
+        res = gap_fractions(sec, v)
+        if res is not None:
+            out.append(res[1]["unreliable"])
+    return out
+
+
+def _equivalence_table(sec: SectionData) -> list:
+    rows = []
+    fmt = "{:.3f}" if sec.is_task else "{:.4f}"
+    for v in sec.looped():
+        res = gap_fractions(sec, v)
+        if res is None:
+            continue
+        fractions, d = res
+        notes = ["gap within seed noise: fraction unreliable"] if d["unreliable"] else []
+        n_runs = len(sec.by_variant[v["name"]])
+        if len(fractions) < n_runs:
+            notes.append(f"from {len(fractions)} of {n_runs} seeds (the references tie at the "
+                         f"others)")
+        note = "; ".join(notes)
+        rows.append(
+            f"| {_md(v['name'])} | {_md(d['param'])} ({fmt.format(d['param_value'])}) | "
+            f"{_md(d['depth'])} ({fmt.format(d['depth_value'])}) | {fmt.format(d['value'])} | "
+            f"{_pm([f for _, f in fractions], '{:.2f}')} | {note} |"
+        )
+    if not rows:
+        return []
+    what = "final val accuracy" if sec.is_task else "best val loss"
+    if all(_equivalence_unreliable(sec)):
+        rows.append("")
+        rows.append("In this section every pair of references differs by less than twice its "
+                    "seed spread: at this budget extra depth does not measurably help the plain "
+                    "model, so there is no gap for looping to close and the fractions are noise.")
+    return [f"| looped variant | parameter-matched ({what}) | depth-matched ({what}) | "
+            f"looped ({what}) | fraction of gap closed | note |", "|---|---|---|---|---|---|"] + rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def _new_figure(ncols: int = 1, width: float = 7.5, height: float = 4.6):
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=FIG_DPI, bbox_inches="tight")
+
+
+def _legend(ax, fig=None, outside: bool = True) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if outside:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                  frameon=False)
+    else:
+        ax.legend(handles, labels, fontsize=8)
+
+
+def _clip(values: np.ndarray, top: float | None) -> tuple[np.ndarray, np.ndarray]:
+    if top is None:
+        return values, np.zeros(len(values), dtype=bool)
+    over = values > top
+    return np.where(over, top, values), over
+
+
+def _plot_clipped(ax, x, y, top, **kwargs):
+    y_plot, over = _clip(np.asarray(y, dtype=float), top)
+    line = ax.plot(x, y_plot, **kwargs)[0]
+    if over.any():
+        ax.plot(np.asarray(x)[over], y_plot[over], linestyle="none", marker="^", markersize=8,
+                color=line.get_color(), markerfacecolor="none")
+    return line
+
+
+def _floor_line(ax, sec: SectionData) -> None:
+    if sec.floors:
+        best = max(sec.floors.values())
+        ax.axhline(best, color="0.4", linestyle=":", linewidth=1.2,
+                   label=f"best trivial floor ({best:.2f})")
+
+
+def fig_training_curves(sec: SectionData, path: Path) -> str | None:
+    fig, (ax_it, ax_fl) = _new_figure(2, width=13, height=4.8)
+    drawn = False
+    top = sec.loss_top()
+    # Loss falls steeply at first; scaling the axis to the start would flatten the differences at
+    # the end, which are what the comparison is about. The loss axis therefore starts from the
+    # highest mean loss after the first ZOOM_FROM of training.
+    zoom_top, zoom_bottom = [], []
+    for v in sec.variants:
+        recs = sec.by_variant[v["name"]]
+        curves = [r["_curve"] for r in recs if len(r["_curve"]["iters"])]
+        if not curves:
+            continue
+        n = min(len(c["iters"]) for c in curves)
+        ys = np.array([c[sec.metric][:n] for c in curves])
+        mean = np.nanmean(ys, axis=0)
+        iters = curves[0]["iters"][:n]
+        late = mean[iters >= ZOOM_FROM * iters[-1]]
+        if len(late):
+            zoom_top.append(float(np.nanmax(late)))
+            zoom_bottom.append(float(np.nanmin(ys)))
+        color = sec.colors[v["name"]]
+        style = "--" if v["role"] == "baseline" else "-"
+        label = v["name"] + (f" ({len(curves)} seeds)" if len(curves) > 1 else " (1 seed)")
+        for ax, xkey in ((ax_it, "iters"), (ax_fl, "flops")):
+            x = np.nanmean(np.array([c[xkey][:n] for c in curves]), axis=0)
+            _plot_clipped(ax, x, mean, top, color=color, linestyle=style, marker=".",
+                          label=label)
+            if len(curves) > 1:
+                lo, hi = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+                lo, _ = _clip(lo, top)
+                hi, _ = _clip(hi, top)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+        drawn = True
+    if not drawn:
+        return None
+    zoomed = not sec.is_task and bool(zoom_top)
+    for ax in (ax_it, ax_fl):
+        if sec.is_task:
+            _floor_line(ax, sec)
+        elif zoomed:
+            low, high = min(zoom_bottom), max(zoom_top)
+            pad = 0.05 * (high - low)
+            ax.set_ylim(low - pad, high + pad)
+        ax.set_ylabel(sec.metric_label)
+        ax.grid(alpha=0.3)
+    ax_it.set_xlabel("training iterations")
+    ax_fl.set_xlabel("training FLOPs")
+    ax_it.set_title(f"{sec.metric_label} vs iterations")
+    ax_fl.set_title(f"{sec.metric_label} vs training FLOPs")
+    _legend(ax_fl)
+    _save(fig, path)
+    better = "higher" if sec.is_task else "lower"
+    return (f"Each line is one variant's {sec.metric_label} at the evaluation points (mean over "
+            f"seeds; the shaded band spans the seeds; dashed lines are plain references added by "
+            f"the runner). Left: against training iterations; right: against training FLOPs, "
+            f"where a looped model pays for every iteration it runs. {better.capitalize()} is "
+            f"better. A looped variant that is better than its parameter-matched reference at "
+            f"equal iterations but not at equal FLOPs buys its gain with compute."
+            + (" The dotted line is the best trivial strategy: curves on it have learnt nothing."
+               if sec.is_task else "")
+            + (f" The loss axis is zoomed on the last {1 - ZOOM_FROM:.0%} of training; the "
+               f"early, steep part of the curves runs off the top." if zoomed else ""))
+
+
+def _reference_lines(ax, sec: SectionData, top) -> None:
+    """Plain references of the looped variants as horizontal lines (they have no loop count)."""
+    refs = []
+    for v in sec.looped():
+        for kind in ("param", "depth"):
+            name = (v.get("references") or {}).get(kind)
+            if name and name not in refs and sec.by_variant.get(name):
+                refs.append(name)
+    for name in refs:
+        value = _stats([sec.summary_value(r) if sec.is_task else r.get("final_val_loss")
+                        for r in sec.by_variant[name]])[0]
+        if math.isfinite(value):
+            ax.axhline(min(value, top) if top else value, color=sec.colors[name], linestyle=":",
+                       linewidth=1.3, label=f"{name} (plain reference)")
+
+
+def _mean_series(recs, key, xkey, ykey):
+    """x values and per-x mean/min/max of ykey over runs, for list-of-dict results."""
+    table = {}
+    for r in recs:
+        for row in r.get(key) or []:
+            if row.get(ykey) is not None:
+                table.setdefault(row[xkey], []).append(row[ykey])
+    xs = sorted(table)
+    return (np.array(xs, dtype=float), np.array([np.mean(table[x]) for x in xs]),
+            np.array([np.min(table[x]) for x in xs]), np.array([np.max(table[x]) for x in xs]))
+
+
+def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
+    looped = sec.looped()
+    if not looped:
+        return None
+    fig, (ax,) = _new_figure(1, width=8.5, height=4.8)
+    ykey = "accuracy" if sec.is_task else "loss"
+    top = sec.loss_top()
+    ticks = set()
+    for v in looped:
+        recs = sec.by_variant[v["name"]]
+        xs, mean, lo, hi = _mean_series(recs, "loop_scaling", "loops", ykey)
+        if not len(xs):
+            continue
+        ticks.update(int(x) for x in xs)
+        color = sec.colors[v["name"]]
+        _plot_clipped(ax, xs, mean, top, color=color, marker="o", markersize=4,
+                      label=f"{v['name']} (trained at {recs[0].get('max_loops')})")
+        if len(recs) > 1:
+            ax.fill_between(xs, _clip(lo, top)[0], _clip(hi, top)[0], color=color, alpha=0.15,
+                            linewidth=0)
+        trained = recs[0].get("max_loops")
+        if trained in xs:
+            y = mean[list(xs).index(trained)]
+            ax.plot([trained], [min(y, top) if top else y], marker="*", markersize=14,
+                    color=color, markeredgecolor="black", linestyle="none")
+    _reference_lines(ax, sec, top)
+    if sec.is_task:
+        _floor_line(ax, sec)
+    ax.set_xscale("log", base=2)
+    # Every evaluated count gets a tick, so the trained count (often not a power of 2) is read off.
+    ax.set_xticks(sorted(ticks))
+    ax.xaxis.set_major_formatter(_int_formatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("iterations of the looped blocks at test time (log scale)")
+    ax.set_ylabel(sec.metric_label)
+    ax.set_title("Test-time loop scaling")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    _save(fig, path)
+    clip = (f" Losses above ln(vocab) + {LOSS_CLIP_MARGIN} (worse than uniform guessing) are "
+            f"drawn at the top edge as hollow triangles." if top else "")
+    return ("Each looped variant evaluated with the looped blocks run a fixed number of times "
+            "(no automatic exit), from 1 to well beyond the count it was trained with (the star). "
+            "Dotted horizontal lines are the plain references. A curve that keeps improving, or "
+            "stays flat, to the right of the star extrapolates: more test-time compute helps or at "
+            "least does not hurt; a curve that turns up has learnt a fixed-depth computation."
+            + clip)
+
+
+def _int_formatter():
+    return FuncFormatter(lambda x, _: f"{x:g}")
+
+
+def fig_exit_sweep(sec: SectionData, path: Path) -> str | None:
+    looped = [v for v in sec.looped() if any(r.get("exit_sweep") for r in sec.by_variant[v["name"]])]
+    if not looped:
+        return None
+    fig, (ax,) = _new_figure(1, width=8.5, height=4.8)
+    ykey = "accuracy" if sec.is_task else "loss"
+    top = sec.loss_top()
+    cap = 0
+    for v in looped:
+        recs = sec.by_variant[v["name"]]
+        color = sec.colors[v["name"]]
+        points = {}
+        for r in recs:
+            for row in r.get("exit_sweep") or []:
+                if row.get(ykey) is not None and row.get("mean_iterations") is not None:
+                    points.setdefault(row["threshold"], []).append(
+                        (row["mean_iterations"], row[ykey]))
+                    cap = max(cap, row.get("max_loops", 0))
+        ths = sorted(points, reverse=True)
+        xs = np.array([np.mean([p[0] for p in points[t]]) for t in ths])
+        ys = np.array([np.mean([p[1] for p in points[t]]) for t in ths])
+        _plot_clipped(ax, xs, ys, top, color=color, marker="o", markersize=5,
+                      label=f"{v['name']}: automatic exit")
+        fx, fmean, _, _ = _mean_series(recs, "loop_scaling", "loops", ykey)
+        keep = fx <= max(cap, 1)
+        _plot_clipped(ax, fx[keep], fmean[keep], top, color=color, linestyle="--", alpha=0.6,
+                      label=f"{v['name']}: fixed count")
+    ax.set_xlabel("mean iterations used per sequence")
+    ax.set_ylabel(sec.metric_label)
+    ax.set_title("Automatic exit: quality vs iterations used")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    _save(fig, path)
+    thresholds = sorted({row["threshold"] for v in looped for r in sec.by_variant[v["name"]]
+                         for row in r.get("exit_sweep") or []}, reverse=True)
+    return ("Solid lines: automatic exit (a sequence stops once its state changes by less than the "
+            "threshold between iterations), one point per threshold "
+            f"({', '.join(f'{t:g}' for t in thresholds)}; a larger threshold stops earlier, "
+            f"further left), with at most {cap} iterations. Dashed lines: the same model at a fixed "
+            "iteration count. Where a solid line lies below (loss) or above (accuracy) its dashed "
+            "line, exit spends the iterations where they matter; where the points bunch at the "
+            "right, the state never settles and exit saves nothing.")
+
+
+def fig_equivalence(sec: SectionData, path: Path) -> str | None:
+    rows = []
+    for v in sec.looped():
+        res = gap_fractions(sec, v)
+        if res is not None and res[0]:
+            rows.append((v, *res))
+    if not rows:
+        return None
+    fig, (ax,) = _new_figure(1, width=8.5, height=1.4 + 0.6 * len(rows))
+    # A fixed window: when the two references nearly tie the fraction can be -30 or +40, and
+    # scaling the axis to it would squeeze the informative [0, 1] range to a sliver. Values
+    # outside are drawn at the edge as arrows, with their value written beside them.
+    lo, hi = EQUIVALENCE_WINDOW
+    ax.axvspan(lo, 0, color="0.92", zorder=0)
+    ax.axvspan(1, hi, color="0.92", zorder=0)
+    ax.axvline(0, color="0.3", linewidth=1.2)
+    ax.axvline(1, color="0.3", linewidth=1.2)
+    margin = 0.04 * (hi - lo)
+
+    def place(x):
+        """Position inside the window, marker, and whether it was clipped."""
+        if x < lo + margin:
+            return lo + margin, "<", True
+        if x > hi - margin:
+            return hi - margin, ">", True
+        return x, "o", False
+
+    for i, (v, fractions, d) in enumerate(rows):
+        color = sec.colors[v["name"]]
+        fs = [f for _, f in fractions]
+        alpha = 0.35 if d["unreliable"] else 1.0
+        for f in fs:
+            x, marker, _ = place(f)
+            ax.scatter([x], [i], color=color, alpha=0.6 * alpha, s=30, marker=marker, zorder=3)
+        mean = float(np.mean(fs))
+        xm, _, clipped = place(mean)
+        left, right = place(min(fs))[0], place(max(fs))[0]
+        ax.plot([left, right], [i, i], color=color, alpha=alpha, linewidth=1.5, zorder=2)
+        ax.plot([xm], [i], marker="D", color=color, markeredgecolor="black", markersize=8,
+                alpha=alpha, linestyle="none", zorder=4)
+        note = f"mean {mean:.2f}" if clipped else ""
+        if d["unreliable"]:
+            note = (note + ", " if note else "") + "references within seed noise"
+        if note:
+            ax.annotate(note, (xm, i), textcoords="offset points", xytext=(0, 9),
+                        ha="right" if xm > (lo + hi) / 2 else "left", fontsize=7, color="0.25")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0]["name"] for r in rows])
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.invert_yaxis()
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("fraction of the parameter-to-depth gap closed")
+    ax.set_title("Recurrence equivalence", pad=22)
+    ax.text(0, 1.01, "parameter-matched", transform=ax.get_xaxis_transform(), ha="center",
+            va="bottom", fontsize=8)
+    ax.text(1, 1.01, "depth-matched", transform=ax.get_xaxis_transform(), ha="center",
+            va="bottom", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    what = "final validation accuracy" if sec.is_task else "best validation loss"
+    return (f"For each looped variant, where its {what} lands between its two plain references: "
+            "0 = no better than the parameter-matched model (same unique blocks, no loop), "
+            "1 = as good as the depth-matched model (as many unique blocks as the looped model's "
+            "effective depth). Dots are seeds (each against the references of the same seed), the "
+            "diamond their mean, the line the range over seeds. Outside [0, 1] (shaded) the looped "
+            "model is worse than its parameter-matched or better than its depth-matched reference; "
+            f"values beyond [{lo:g}, {hi:g}] are drawn as arrows at the edge. Where the two "
+            "references differ by less than twice their seed spread there is no real gap to close: "
+            "the fraction is noise, and the row is faded and marked.")
+
+
+def fig_hops(sec: SectionData, path: Path) -> str | None:
+    have = [v for v in sec.variants if any(r.get("hops") for r in sec.by_variant[v["name"]])]
+    if not have:
+        return None
+    fig, (ax,) = _new_figure(1, width=8.5, height=4.8)
+    floors, trained_answer = {}, {}
+    for v in have:
+        recs = sec.by_variant[v["name"]]
+        color = sec.colors[v["name"]]
+        trained = recs[0].get("max_loops", 1)
+        per_loops = {}
+        for r in recs:
+            for row in r.get("hops") or []:
+                per_loops.setdefault(row["loops"], {}).setdefault(row["hops"], []).append(
+                    row["accuracy"])
+                floors[row["hops"]] = max(row["floors"].values())
+                if "trained_answer_accuracy" in row:
+                    trained_answer[row["hops"]] = row["trained_answer_accuracy"]
+        for loops, table in sorted(per_loops.items()):
+            xs = sorted(table)
+            ys = [np.mean(table[x]) for x in xs]
+            extra = loops != trained
+            label = v["name"] + (f" at {loops} iterations (x{loops // trained})" if extra else "")
+            ax.plot(xs, ys, color=color, marker="o" if not extra else "s", markersize=5,
+                    linestyle="--" if extra else "-", label=label)
+    if floors:
+        xs = sorted(floors)
+        ax.plot(xs, [floors[x] for x in xs], color="0.4", linestyle=":", marker="x",
+                label="best trivial floor")
+    if trained_answer:
+        xs = sorted(trained_answer)
+        ax.plot(xs, [trained_answer[x] for x in xs], color="black", linestyle="-.", marker="+",
+                markersize=9, linewidth=1.0, alpha=0.6, zorder=1,
+                label=f"always the {sec.trained_hops}-hop answer")
+    if sec.trained_hops:
+        ax.axvline(sec.trained_hops, color="0.5", linewidth=1)
+        ax.text(sec.trained_hops, 1.01, f"trained at {sec.trained_hops} hop(s)",
+                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("hops asked at test time")
+    ax.set_ylabel("accuracy on held-out inputs")
+    ticks = sorted({row["hops"] for v in have for r in sec.by_variant[v["name"]]
+                    for row in r.get("hops") or []})
+    ax.set_xticks(ticks)
+    ax.set_xlim(ticks[0] - 0.4, ticks[-1] + 0.4)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Accuracy vs hops", pad=18)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    _save(fig, path)
+    return ("Every model, trained at the marked hop count, is asked for the answer at other hop "
+            "counts on the same held-out inputs (mean over seeds). Solid lines: the iteration "
+            "count it was trained with; dashed lines: looped models run for twice as many "
+            "iterations. The dotted line is the best trivial strategy at each hop count; the "
+            "dash-dotted line is what a model scores that always gives the answer at the trained "
+            "hop count (the answers at different hop counts often coincide, which is why every "
+            "curve can zigzag). A model that solves more hops than it was trained on rises above "
+            "the dash-dotted line to the right of the trained count; if looping longer did that, "
+            "a looped model's dashed line would lie above its solid line there.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def _section_markdown(sec: SectionData, report_dir: Path) -> list:
+    info = sec.info
+    lines = [f"## Section `{sec.name}`", ""]
+    if info.get("description"):
+        lines += [info["description"], ""]
+    budget = info["budget"]
+    if "iters" in budget:
+        lines.append(f"Budget: **{budget['iters']:,} iterations** per run, the same for every "
+                     f"variant.")
+    else:
+        lines.append(f"Budget: **{_si(budget['flops'])} training FLOPs** per run; each variant "
+                     f"gets the iterations that cost that much (column 'iters').")
+    seeds = info["seeds"]
+    if len(seeds) > 1:
+        lines.append(f"Seeds: {', '.join(map(str, seeds))} (± is the sample standard deviation "
+                     f"over seeds; every run of a seed sees the same training batches, every run "
+                     f"the same evaluation batches).")
+    else:
+        lines.append(f"Seeds: only {seeds[0]}: this section's budget allows one seed, so no "
+                     f"spread is shown and differences may be seed noise.")
+    added = [v for v in sec.variants if v["role"] == "baseline"]
+    if added:
+        lines.append("Plain references added by the runner: " + "; ".join(
+            f"`{v['name']}` (for {', '.join(v['baseline_for'])})" for v in added) + ".")
+    lines.append("")
+    if sec.is_task:
+        lines += [_floors_text(sec.floors), ""]
+    lines += _summary_table(sec)
+    lines += ["", "Wall time is the training loop only (not process start or post-training "
+              "evaluation). 'iters used, auto exit' is the mean number of loop iterations at the "
+              "model's own exit threshold, out of the trained count.", ""]
+    figures = [("Validation curves", "training_curves", fig_training_curves),
+               ("Test-time loop scaling", "loop_scaling", fig_loop_scaling),
+               ("Automatic exit", "exit_sweep", fig_exit_sweep),
+               ("Recurrence equivalence", "recurrence_equivalence", fig_equivalence)]
+    if sec.is_task:
+        figures.append(("Accuracy vs hops", "accuracy_vs_hops", fig_hops))
+    for title, stem, func in figures:
+        filename = f"{_file_stem(sec.name)}_{stem}.png"
+        how = func(sec, report_dir / filename)
+        extra = _equivalence_table(sec) if stem == "recurrence_equivalence" else []
+        if how is None and not extra:
+            continue
+        lines += [f"### {title}", ""]
+        if how is not None:
+            lines += [f"![{title}]({filename})", "", f"*How to read it:* {how}", ""]
+        if extra:
+            lines += extra + [""]
+    samples = [(v["name"], sec.by_variant[v["name"]][0]) for v in sec.variants
+               if sec.by_variant[v["name"]] and sec.by_variant[v["name"]][0].get("samples")]
+    if samples:
+        lines += ["### Samples", "", "Generated from a newline with temperature "
+                  f"{info['evaluation'].get('sample_temperature')}, first seed of each variant.",
+                  ""]
+        for name, rec in samples:
+            lines.append(f"**{_md(name)}** (seed {rec['seed']}):")
+            lines.append("")
+            for text in rec["samples"]:
+                lines += ["```text", text.replace("```", "'''"), "```", ""]
+    failures = [(name, rec) for name, recs in sec.failed.items() for rec in recs]
+    if failures:
+        lines += ["### Failed runs", ""]
+        for name, rec in failures:
+            error = (rec.get("error") or "unknown error").strip()
+            lines += [f"- **{_md(name)}**, seed {rec.get('seed')}: FAILED", "", "  ```text"]
+            lines += ["  " + line for line in error.splitlines()[-12:]]
+            lines += ["  ```", ""]
+    missing = [run["run_id"] for runs in sec.missing.values() for run in runs]
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)}.", ""]
+    return lines
+
+
+def _file_stem(name: str) -> str:
+    from blockloop.experiment import safe_name
+
+    return safe_name(name)
+
+
+def write_report(out_dir, report_dir=None) -> Path:
+    """Write report.md and its figures for the experiment in `out_dir`; returns report.md's path."""
+    out_dir = Path(out_dir)
+    report_dir = Path(report_dir) if report_dir is not None else out_dir / REPORT_DIR
+    report_dir.mkdir(parents=True, exist_ok=True)
+    info = json.loads((out_dir / PLAN_FILE).read_text())
+    records = load_results(out_dir)
+    sections = [SectionData(s, info.get("runs", []), records, out_dir) for s in info["sections"]]
+    lines = [f"# Experiment `{info['name']}`", ""]
+    if info.get("description"):
+        lines += [info["description"], ""]
+    lines.append(f"Experiment file: `{info.get('file')}`. Output: `{info.get('out_dir')}`.")
+    if "wall_time_s" in info:
+        wall = info["wall_time_s"]
+        lines.append(
+            f"Last invocation: started {info.get('started_at')}, {wall / 60:.1f} min wall for "
+            f"{info.get('runs_to_do')} runs ({info.get('runs_skipped')} of {info.get('runs_total')} "
+            f"reused from before), {info.get('jobs')} at a time with {info.get('threads_per_run')} "
+            f"thread(s) each on {info.get('cpus')} CPUs."
+            + ("" if info.get("finished", True) else " It was interrupted."))
+    n_failed = sum(len(r) for s in sections for r in s.failed.values())
+    if n_failed:
+        lines.append(f"**{n_failed} run(s) failed**; see 'Failed runs' in their section.")
+    lines.append("")
+    for sec in sections:
+        lines += _section_markdown(sec, report_dir)
+    path = report_dir / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
