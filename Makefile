@@ -24,8 +24,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Training and generation benchmarks on this machine (figures in BENCHMARKS.md). Set
+# NANOGPT_DIR to a nanoGPT checkout to time its training step beside ours.
 bench: $(STAMP)
-	$(PY) -m blockloop bench
+	$(PY) benchmarks/bench_training.py $(if $(NANOGPT_DIR),--nanogpt_dir $(NANOGPT_DIR)) --json bench_training.json
+	$(PY) benchmarks/bench_generation.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

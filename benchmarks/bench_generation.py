@@ -34,10 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blockloop.model import GPT, GPTConfig
-from blockloop.sampling import checkpoint_path, generate, load_model, teacher_forced_logits
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from blockloop.model import GPT, GPTConfig  # noqa: E402
+from blockloop.sampling import checkpoint_path, generate, load_model, teacher_forced_logits  # noqa: E402
 DEFAULT_DATA_DIR = REPO / "data" / "shakespeare_char"
 
 # Same depth (6 block applications per token) with and without looping, so the two rows differ

@@ -19,7 +19,7 @@ space given up by training.
 
 Floors (:func:`baseline_floors`): accuracies that trivial strategies reach on a given set, e.g.
 copying the last token, so that reports can print them next to every model accuracy (see
-/work/shared/TASKS_NOTES.md for why: a failing model can look half right).
+the README for why: a failing model can look half right).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class PHopTask:
     ``x_{i_hops}``, the target at the SEP position. Sequences whose chain is undefined are
     resampled.
     With ``no_adjacent_repeat`` each token differs from the one before, which removes the
-    ``hop(i) = i`` shortcut (TASKS_NOTES.md).
+    ``hop(i) = i`` shortcut.
     """
 
     n: int

@@ -35,7 +35,7 @@ implement the two-step lookup and stays far below (it does beat the trivial floo
 positional guesses). Harder settings did not fit: at p = 2
 (n = 8, batch 64) the plain 4-layer model reached 80% after 1500 iterations while the looped
 single block stayed at 52%, and at n = 16, p = 1 the plain 4-layer model was still at 53% after
-2000 iterations (/work/shared/TASKS_NOTES.md has the longer runs).
+2000 iterations.
 """
 
 name = "default"
