@@ -102,6 +102,7 @@ from blockloop.train import (
     TrainingData,
     autocast_context,
     evaluate,
+    read_jsonl,
     resolve_device,
     resolve_dtype,
     train,
@@ -747,15 +748,7 @@ def post_evaluate(cfg: TrainConfig, evaluation: dict, log=print) -> dict:
 
 def _metrics_summary(path: Path) -> dict:
     """Best/final accuracy and the eval count from a run's metrics.jsonl."""
-    evals = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") == "eval":
-                evals.append(rec)
+    evals = [rec for rec in read_jsonl(path) if rec.get("kind") == "eval"]
     out = {}
     acc = [r["val_accuracy"] for r in evals if "val_accuracy" in r]
     if acc:
@@ -815,16 +808,10 @@ _CHILD_BOOT = "import sys; from blockloop.experiment import run_child; sys.exit(
 
 def load_results(out_dir: Path) -> dict:
     """run_id -> its latest record in results.jsonl (a line cut short by a kill is ignored)."""
-    path = Path(out_dir) / RESULTS_FILE
     records = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "run_id" in rec:
-                records[rec["run_id"]] = rec
+    for rec in read_jsonl(Path(out_dir) / RESULTS_FILE):
+        if isinstance(rec, dict) and "run_id" in rec:
+            records[rec["run_id"]] = rec
     return records
 
 

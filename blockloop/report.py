@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from blockloop.experiment import PLAN_FILE, REPORT_DIR, RUNS_DIR, load_results
+from blockloop.train import read_jsonl
 
 FIG_DPI = 110
 # Losses above log(vocab) + this margin are worse than guessing uniformly; drawing them to scale
@@ -47,20 +48,9 @@ EQUIVALENCE_WINDOW = (-1.0, 2.0)
 # Loading
 
 
-def _read_jsonl(path: Path) -> list:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-    return out
-
-
 def _curve(run_dir: Path) -> dict:
     """Evaluation points of a run: iterations, FLOPs spent before them, val loss and accuracy."""
-    recs = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
     evals = [r for r in recs if r.get("kind") == "eval"]
     train = [r for r in recs if r.get("kind") == "train" and "train_flops" in r]
     iters = np.array([r["iter"] for r in evals], dtype=float)

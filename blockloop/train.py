@@ -221,6 +221,18 @@ class TrainResult:
         return dict(self.__dict__)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line cut short by a kill is skipped."""
+    records = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
 class MetricsLog:
     """Append-only JSON lines, truncated on resume to the records before the resumed step."""
 
@@ -231,16 +243,9 @@ class MetricsLog:
     def truncate_from(self, iter_num: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if rec.get("iter", 0) < iter_num:
-                kept.append(line)
+        kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) < iter_num]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
@@ -364,7 +369,8 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
         if changed:
             raise ConfigError(
                 f"{', '.join(f'{k}={model_overrides[k]!r}' for k in changed)}: differs from the "
-                f"checkpoint being resumed ({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
+                f"checkpoint being resumed, {used} "
+                f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
                 f"a resumed run keeps its model, so drop these flags or start a new out_dir"
             )
         log(f"resuming from {used} at iteration {iter_num}")
