@@ -194,6 +194,9 @@ def faults(dataset, values, bad):
     ), "loop_center_idx", "loop_radius", "n_layer")
     rule(lambda: v["concatenate_initial_representation"] and v["loop_input_injection"] == "add",
          "concatenate_initial_representation", "loop_input_injection")
+    # Truncated backprop's gradient window could lie past an early exit in training.
+    rule(lambda: v["loop_backprop_depth"] > 0 and v["automatic_loop_exit_in_training"],
+         "loop_backprop_depth", "automatic_loop_exit_in_training")
     # A concat loop built for one iteration has no adapters to evaluate a second.
     rule(lambda: v["loop_center_idx"] >= 0 and v["max_loops"] == 1 and any(n > 1 for n in v["eval_loops"])
          and (v["concatenate_initial_representation"] or v["loop_input_injection"] == "concat"),
