@@ -436,12 +436,8 @@ def _safe_load(source, shown_as: Path, map_location: Any, mmap: bool = False) ->
     """`torch.load(weights_only=True)`, with every failure turned into a CheckpointError."""
     try:
         # mmap needs a path; it keeps verification of a fresh multi-GB file from reading it.
-        return torch.load(
-            str(source) if mmap else source,
-            map_location=map_location,
-            weights_only=True,
-            mmap=mmap,
-        )
+        return torch.load(str(source) if mmap else source, weights_only=True,
+                          map_location=map_location, mmap=mmap)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         # torch's own text suggests retrying with weights_only=False, which is exactly what
