@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from blockloop.model import GPT, GPTConfig  # noqa: E402
-from blockloop.sampling import checkpoint_path, generate, load_model, teacher_forced_logits  # noqa: E402
+from blockloop.checkpoint import find_run_checkpoint, load_model  # noqa: E402
+from blockloop.sampling import generate, teacher_forced_logits  # noqa: E402
 DEFAULT_DATA_DIR = REPO / "data" / "shakespeare_char"
 
 # Same depth (6 block applications per token) with and without looping, so the two rows differ
@@ -223,7 +224,8 @@ def _val_tokens(data_dir: Path) -> np.ndarray:
 def adaptive_exit(quick: bool, out_dir: str | None, data_dir: Path) -> list[dict]:
     """Loss and speed of per-token exit on a trained model, and speed alone on a wider one."""
     if out_dir is not None:
-        model, meta = load_model(checkpoint_path(Path(out_dir)), "cpu")
+        model, payload = load_model(find_run_checkpoint(out_dir), "cpu")
+        meta = payload.get("meta") or {}
         if model.loop_plan is None:
             return [{"benchmark": "adaptive_exit", "skipped": f"{out_dir} holds a model without looping"}]
         val = _val_tokens(Path(meta.get("data_dir", data_dir)))

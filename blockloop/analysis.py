@@ -47,7 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blockloop.model import GPT, MAX_LOOPS_LIMIT, GPTConfig
+from blockloop.errors import AnalysisError
+from blockloop.looping import MAX_LOOPS_LIMIT
+from blockloop.model import GPT, GPTConfig
 
 # Exit threshold used for the exit histogram when the model was not configured with automatic
 # exit (its configured threshold then says nothing about how it was meant to be used).
@@ -115,10 +117,6 @@ FIGURES = {
         "that rises does not.",
     ),
 }
-
-
-class AnalysisError(ValueError):
-    """The analysis cannot run (no checkpoint, a model without looping, ...); says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +238,7 @@ def _require_trace(model: GPT) -> None:
         raise AnalysisError(
             "the model has no looped blocks (loop_center_idx=-1), so there is no loop to analyse"
         )
-    if not model.looper.record:
+    if not model.config.loops_representation:
         raise AnalysisError(
             "the model does not record loop traces; build it with loops_representation=True "
             "(`tracing_copy(model)` does, keeping the weights)"
@@ -252,7 +250,7 @@ def tracing_copy(model: GPT) -> GPT:
 
     Returns `model` itself if it already records traces.
     """
-    if model.looper is not None and model.looper.record:
+    if model.looper is not None and model.config.loops_representation:
         return model
     config = GPTConfig(**{**model.config.to_dict(), "loops_representation": True})
     copy = GPT(config).to(next(model.parameters()).device)

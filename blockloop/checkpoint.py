@@ -53,8 +53,14 @@ from typing import Any
 
 import torch
 
+from blockloop.errors import CheckpointError
+from blockloop.model import GPT, GPTConfig
+
 __all__ = [
     "CheckpointError",
+    "find_run_checkpoint",
+    "build_model",
+    "load_model",
     "save_checkpoint",
     "load_checkpoint",
     "load_latest_good",
@@ -64,6 +70,11 @@ __all__ = [
 ]
 
 SIDECAR_FORMAT = "blockloop-ckpt-sidecar-v1"
+CHECKPOINT_FORMAT = "blockloop-ckpt-v1"
+# A run directory's checkpoints: last.pt is what resumes, best.pt the best validation loss.
+LAST_CKPT = "last.pt"
+BEST_CKPT = "best.pt"
+CHECKPOINT_CHOICES = {"auto": (BEST_CKPT, LAST_CKPT), "best": (BEST_CKPT,), "last": (LAST_CKPT,)}
 # Payload keys copied into the sidecar summary when present, so `cat ckpt.pt.json` tells which
 # iteration a file holds without loading gigabytes.
 _SUMMARY_KEYS = ("format", "iter_num", "best_val_loss")
@@ -71,10 +82,6 @@ _HASH_CHUNK = 1 << 20
 _NANOGPT_REQUIRED_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 # torch.compile wraps the model as `_orig_mod`, DDP as `module`; either may wrap the other.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file and the fix."""
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -462,6 +469,58 @@ def _safe_load(source, shown_as: Path, map_location: Any, mmap: bool = False) ->
             f"{shown_as} is truncated or corrupt and cannot be loaded "
             f"({type(exc).__name__}: {first_line}); use its .prev copy (load_latest_good)"
         ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's model
+
+
+def find_run_checkpoint(out_dir: str | os.PathLike, which: str = "auto") -> Path:
+    """The checkpoint file of run directory `out_dir`: "best" (best.pt), "last" (last.pt) or
+    "auto" (best.pt if present, else last.pt). Raises CheckpointError saying what is missing."""
+    out_dir = Path(out_dir)
+    if which not in CHECKPOINT_CHOICES:
+        raise CheckpointError(
+            f"checkpoint={which!r}: must be one of {', '.join(CHECKPOINT_CHOICES)}"
+        )
+    if not out_dir.is_dir():
+        raise CheckpointError(f"out_dir {str(out_dir)!r} does not exist or is not a directory")
+    names = CHECKPOINT_CHOICES[which]
+    for name in names:
+        if (out_dir / name).is_file():
+            return out_dir / name
+    raise CheckpointError(
+        f"no {' or '.join(names)} in {out_dir}; train a model there first "
+        f"(blockloop train --out_dir={out_dir} ...)"
+    )
+
+
+def build_model(payload: dict, source: str | os.PathLike, **config_overrides) -> GPT:
+    """The GPT of a `blockloop train` checkpoint payload, weights loaded, in train mode on the
+    CPU (or the payload's device). `config_overrides` replace model-config keys that do not
+    change the weights (e.g. `loops_representation=True`). Raises CheckpointError naming
+    `source` if the payload is not a blockloop checkpoint or its model cannot be rebuilt."""
+    for key in ("model", "model_config"):
+        if key not in payload:
+            raise CheckpointError(
+                f"{source} has no {key!r} entry; it was not written by `blockloop train`"
+            )
+    try:
+        model = GPT(GPTConfig(**{**payload["model_config"], **config_overrides}))
+        model.load_state_dict(payload["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{source}: cannot rebuild its model with this version of blockloop ({first})"
+        ) from None
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", **config_overrides):
+    """(model in eval mode on `device`, payload) of checkpoint file `path`; see `build_model`."""
+    payload = load_checkpoint(path, map_location="cpu")
+    model = build_model(payload, path, **config_overrides)
+    return model.to(device).eval(), payload
 
 
 # ----------------------------------------------------------------------------------------------

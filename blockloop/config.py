@@ -16,21 +16,18 @@ import difflib
 import json
 import operator
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from blockloop.model import MAX_LOOPS_LIMIT, GPTConfig
+from blockloop.errors import ConfigError
+from blockloop.looping import MAX_LOOPS_LIMIT
+from blockloop.model import GPTConfig, check_field_types
+from blockloop.runtime import DTYPES, check_device_name
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 NAN_POLICIES = ("stop", "skip")
 TASK_DATASETS = ("phop", "pointer")
 # nanoGPT's train.py trains without biases by default; its model.py defaults to biases.
 TRAIN_MODEL_DEFAULTS = {"bias": False}
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is allowed."""
 
 
 @dataclass
@@ -85,8 +82,7 @@ class TrainConfig:
     nan_policy: str = "stop"
 
     def validate(self) -> None:
-        for f in fields(self):
-            _check_value_type(f.name, getattr(self, f.name), f.type)
+        check_field_types(self, ConfigError)
         positive = (
             "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
             "batch_size", "block_size", "phop_n", "phop_alphabet", "phop_hops",
@@ -120,10 +116,7 @@ class TrainConfig:
             )
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"backend={self.backend!r}: must be auto, nccl or gloo")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise ConfigError(
-                f"device={self.device!r}: must be auto, cpu, cuda, cuda:N or mps"
-            )
+        check_device_name(self.device)
         for n in self.eval_loops:
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LOOPS_LIMIT:
                 raise ConfigError(
@@ -144,22 +137,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _check_value_type(key: str, value, annotation) -> None:
-    name = annotation if isinstance(annotation, str) else annotation.__name__
-    if name == "list":
-        ok = isinstance(value, list)
-    elif name == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif name == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif name == "bool":
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: must be of type {name}")
 
 
 TRAIN_KEYS = {f.name: f for f in fields(TrainConfig)}
@@ -281,21 +258,19 @@ def parse_value(key: str, text: str, type_name: str):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         raise ConfigError(f"--{key}={text}: must be a number of type {type_name}") from None
-    if type_name == "int" and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    _check_value_type(key, value, type_name)
-    return value
+    # The type itself is checked once, with every other value, when the configs are built.
+    return coerce_value(value, type_name)
 
 
-def _coerce(key: str, value, type_name: str):
-    """A value read from a config file, with int -> float and 1e4-style floats -> int."""
+def coerce_value(value, type_name: str):
+    """The one coercion of a parsed value to its key's type: int -> float, integral floats
+    (1e4) -> int, a single int -> [int] for lists, None -> "" for strings. Whatever cannot be
+    coerced is returned as it is, for the type checker to name."""
     if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type_name == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
-    if type_name == "list" and isinstance(value, (int,)) and not isinstance(value, bool):
+    if type_name == "list" and isinstance(value, int) and not isinstance(value, bool):
         return [value]
     if type_name == "str" and value is None:
         return ""
@@ -315,7 +290,7 @@ def build_configs(values: dict) -> tuple[TrainConfig, dict]:
     for key, value in values.items():
         if key not in keys:
             raise unknown_key_error(key, "config")
-        value = _coerce(key, value, keys[key][0])
+        value = coerce_value(value, keys[key][0])
         if key in TRAIN_KEYS:
             train_values[key] = value
         else:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blockloop.errors import DataError
+
 from .tokenizers import GPT2_VOCAB_SIZE, tokenizer_from_meta
 
 META_FORMAT = "blockloop-tokens-v1"
@@ -29,10 +31,6 @@ _CHUNK_TOKENS = 1 << 22
 
 # Folded into each batch's seed so train and val batches of the same step differ.
 _SPLIT_IDS = {"train": 0, "val": 1}
-
-
-class DataError(ValueError):
-    """A token data directory is missing, malformed or unusable; the message says how to fix it."""
 
 
 def _prepare_hint(data_dir: Path) -> str:

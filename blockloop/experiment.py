@@ -84,6 +84,7 @@ from pathlib import Path
 
 import torch
 
+from blockloop.errors import ExperimentError
 from blockloop.checkpoint import load_checkpoint
 from blockloop.config import (
     ConfigError,
@@ -97,16 +98,11 @@ from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 from blockloop.sampling import generate
 from blockloop.tasks import baseline_floors, task_from_config
 from blockloop.tokenizers import tokenizer_from_meta
-from blockloop.train import (
-    LAST_CKPT,
-    TrainingData,
-    autocast_context,
-    evaluate,
-    read_jsonl,
-    resolve_device,
-    resolve_dtype,
-    train,
-)
+from blockloop.checkpoint import LAST_CKPT
+from blockloop.evaluation import evaluate
+from blockloop.records import read_jsonl
+from blockloop.runtime import autocast_context, resolve_device, resolve_dtype
+from blockloop.train import TrainingData, train
 
 RESULTS_FILE = "results.jsonl"
 PLAN_FILE = "experiment.json"
@@ -144,10 +140,6 @@ EVALUATION_DEFAULTS = {
 # Identifies the sample-generation random stream, so samples are reproducible per run.
 SAMPLE_SEED = 1234
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class ExperimentError(ValueError):
-    """A bad experiment file or option; the message names the file, the key and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,15 +650,13 @@ def _finite(x):
 
 
 def _evaluate(model, batches, ctx, device, **kwargs) -> dict:
-    res = evaluate(model, batches, ctx, device, **kwargs)
-    return {k: _finite(v) for k, v in res.items()}
+    return evaluate(model, batches, device=device, ctx=ctx, **kwargs).to_dict()
 
 
 def post_evaluate(cfg: TrainConfig, evaluation: dict, log=print) -> dict:
     """What the report needs beyond metrics.jsonl, measured on the final model (last.pt)."""
-    device = resolve_device(cfg)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = autocast_context(device_type, resolve_dtype(cfg, device_type))
+    device = resolve_device(cfg.device)
+    ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
     ckpt = load_checkpoint(Path(cfg.out_dir) / LAST_CKPT, map_location=device)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

@@ -59,6 +59,11 @@ POISSON_LOGNORMAL_SIGMA = 0.5
 # Draws are capped so one heavy-tailed step cannot take minutes; the cap moves the mean by well
 # under 1% at sigma 0.5.
 SAMPLED_LOOPS_CAP_FACTOR = 4
+# An upper bound on iteration counts so that a typo (max_loops=1e9) fails before any work, not
+# hours into a forward pass; every command checks `--num_loops` against it too.
+MAX_LOOPS_LIMIT = 4096
+# Test-time loop scaling always includes these counts (and 1 .. twice the trained count).
+SCALING_BASE_COUNTS = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,76 @@ class LoopPlan:
     def units(self) -> list[tuple[int, ...]]:
         blocks = tuple(range(self.start, self.stop))
         return [blocks] if self.tied else [(i,) for i in blocks]
+
+
+# ----------------------------------------------------------------------------------------------
+# What other modules ask about a configuration's loop. `config` is a GPTConfig (or anything with
+# its looping keys); no other module restates these rules.
+
+
+def is_looped(config) -> bool:
+    """Whether the config has a looped range (`loop_center_idx >= 0`), whatever its count."""
+    return config.loop_center_idx >= 0
+
+
+def effective_depth(config, num_loops: int | None = None) -> int:
+    """Blocks applied per forward pass when the looped range runs `num_loops` times (default:
+    the trained `max_loops`); `n_layer` for a plain model."""
+    plan = LoopPlan.from_config(config)
+    if plan is None:
+        return config.n_layer
+    t = config.max_loops if num_loops is None else int(num_loops)
+    return config.n_layer + plan.num_blocks * (t - 1)
+
+
+def has_adapters(config) -> bool:
+    """Whether the model owns concat adapters: "concat" injection built with `max_loops > 1`.
+
+    Adapters act from the second iteration on, so a model built for one iteration has none and
+    can then only run one iteration."""
+    return is_looped(config) and config.injection_mode == "concat" and config.max_loops > 1
+
+
+def max_runnable_loops(config) -> int:
+    """The largest iteration count the model can run (1 for "concat" without adapters)."""
+    if is_looped(config) and config.injection_mode == "concat" and not has_adapters(config):
+        return 1
+    return MAX_LOOPS_LIMIT
+
+
+def check_num_loops(config, num_loops, key: str = "num_loops") -> None:
+    """Raise ValueError naming `key` unless the model can run `num_loops` iterations."""
+    if isinstance(num_loops, bool) or not isinstance(num_loops, int):
+        raise ValueError(f"{key}={num_loops!r}: must be an integer")
+    top = max_runnable_loops(config)
+    if not 1 <= num_loops <= top:
+        why = (
+            "this model uses 'concat' injection and was built with max_loops=1, so it has no "
+            "adapters and can only run 1 iteration"
+            if top == 1 else f"iteration counts are limited to [1, {MAX_LOOPS_LIMIT}]"
+        )
+        raise ValueError(f"{key}={num_loops}: {why}")
+
+
+def scaling_loop_counts(config, extra=()) -> list[int]:
+    """Iteration counts for a test-time loop-scaling curve: 1 .. 2 * max_loops, the
+    SCALING_BASE_COUNTS, and `extra`, limited to what the model can run ([] for a plain model)."""
+    if not is_looped(config):
+        return []
+    counts = set(range(1, 2 * config.max_loops + 1)) | set(SCALING_BASE_COUNTS) | set(extra)
+    return sorted(c for c in counts if 1 <= c <= max_runnable_loops(config))
+
+
+def may_skip_gradients(config) -> bool:
+    """Whether some training step may leave parameters without a gradient (DDP must then look
+    for unused parameters): the concat adapters when a sampled count is 1 (they act from
+    iteration 2), and every block before the loop under truncated backprop without injection
+    (no path back to x0)."""
+    if not is_looped(config):
+        return False
+    sampled_one = has_adapters(config) and config.loop_sampling != "fixed"
+    truncated = config.loop_backprop_depth > 0 and config.injection_mode == "none"
+    return sampled_one or truncated
 
 
 @dataclass
@@ -156,18 +231,10 @@ class LoopRunner(nn.Module):
     def __init__(self, config, plan: LoopPlan):
         super().__init__()
         self.plan = plan
-        self.max_loops = config.max_loops
-        self.injection = config.injection_mode
-        self.noise_scale = config.loop_noise_scale
-        self.noise_in_eval = config.loop_noise_in_eval
-        self.exit_enabled = config.automatic_loop_exit
-        self.exit_in_training = config.automatic_loop_exit_in_training
-        self.exit_threshold = config.automatic_loop_exit_threshold
-        self.record = config.loops_representation
-        self.backprop_depth = config.loop_backprop_depth
-        self.activation_checkpointing = config.loop_checkpointing
-        # Adapters only exist where they are used: "concat" with more than one iteration.
-        if self.injection == "concat" and config.max_loops > 1:
+        # The config's own names are used throughout (config.max_loops, ...), so a search for
+        # an option finds every use; the config is read, never mutated, here.
+        self.config = config
+        if has_adapters(config):
             self.adapters = nn.ModuleList(
                 ConcatAdapter(config.n_embd, config.bias) for _ in plan.units
             )
@@ -194,20 +261,17 @@ class LoopRunner(nn.Module):
         kv_caches=None,
     ):
         """Returns (output, iterations per unit, LoopTrace or None)."""
-        num_loops = self.max_loops if num_loops is None else int(num_loops)
-        if num_loops < 1:
-            raise ValueError(f"num_loops={num_loops}: must be >= 1")
-        if num_loops > 1 and self.injection == "concat" and self.adapters is None:
-            raise ValueError(
-                "this model was built with max_loops=1 and 'concat' injection, so it has no "
-                "adapters and cannot run more than one iteration"
-            )
+        cfg = self.config
+        num_loops = cfg.max_loops if num_loops is None else int(num_loops)
+        check_num_loops(cfg, num_loops)
         if loop_exit is None:
-            loop_exit = self.exit_enabled and (not self.training or self.exit_in_training)
+            loop_exit = cfg.automatic_loop_exit and (
+                not self.training or cfg.automatic_loop_exit_in_training
+            )
         threshold = None
         if loop_exit:
-            threshold = self.exit_threshold if exit_threshold is None else exit_threshold
-        trace = LoopTrace() if self.record else None
+            threshold = cfg.automatic_loop_exit_threshold if exit_threshold is None else exit_threshold
+        trace = LoopTrace() if cfg.loops_representation else None
         iterations = []
         for u, unit in enumerate(self.plan.units):
             unit_blocks = [blocks[i] for i in unit]
@@ -221,9 +285,9 @@ class LoopRunner(nn.Module):
         return x, iterations, trace
 
     def _inject(self, state, x0, adapter):
-        if self.injection == "none":
+        if self.config.injection_mode == "none":
             return state
-        if self.injection == "add":
+        if self.config.injection_mode == "add":
             return state + x0
         return adapter(state, x0)
 
@@ -239,7 +303,7 @@ class LoopRunner(nn.Module):
     def _step(self, state, x0, t, unit, unit_blocks, adapter, kv_caches):
         """One iteration: s_t = R(u_t)."""
         u = state if t == 1 else self._inject(state, x0, adapter)
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        if self.config.loop_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(
                 self._apply_unit, u, unit, unit_blocks, t, kv_caches, use_reentrant=False
             )
@@ -247,17 +311,18 @@ class LoopRunner(nn.Module):
 
     def _run_unit(self, x0, unit, unit_blocks, adapter, num_loops, threshold, kv_caches):
         batch = x0.shape[0]
-        noisy = self.noise_scale > 0 and (self.training or self.noise_in_eval)
-        state = x0 + self.noise_scale * torch.randn_like(x0) if noisy else x0
+        cfg = self.config
+        noisy = cfg.loop_noise_scale > 0 and (self.training or cfg.loop_noise_in_eval)
+        state = x0 + cfg.loop_noise_scale * torch.randn_like(x0) if noisy else x0
         iterations = torch.full((batch,), num_loops, dtype=torch.long, device=x0.device)
-        record = self.record
+        record = cfg.loops_representation
         need_delta = record or threshold is not None
         states = [state.detach()] if record else None
         deltas = [] if record else None
         # Iterations up to `no_grad_until` build no graph (truncated backprop).
         no_grad_until = 0
-        if self.backprop_depth > 0 and self.training:
-            no_grad_until = max(num_loops - self.backprop_depth, 0)
+        if cfg.loop_backprop_depth > 0 and self.training:
+            no_grad_until = max(num_loops - cfg.loop_backprop_depth, 0)
         active = None  # indices of sequences still iterating; None means all of them
         for t in range(1, num_loops + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t > no_grad_until):

@@ -20,13 +20,12 @@ import torch.nn.functional as F
 from blockloop.looping import (
     INJECTION_MODES,
     LOOP_SAMPLING_MODES,
+    MAX_LOOPS_LIMIT,
     LoopPlan,
     LoopRunner,
+    effective_depth,
 )
 
-# An upper bound on iteration counts so that a typo (max_loops=1e9) fails at construction,
-# not hours into a forward pass.
-MAX_LOOPS_LIMIT = 4096
 GELU_APPROXIMATIONS = ("none", "tanh")
 
 
@@ -70,8 +69,7 @@ class GPTConfig:
         return self.loop_input_injection
 
     def validate(self) -> None:
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+        check_field_types(self)
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be a positive integer")
@@ -154,18 +152,26 @@ ARCHITECTURE_KEYS = (
 LOOP_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ARCHITECTURE_KEYS)
 
 
-def _check_type(key: str, value, annotation) -> None:
-    expected = {"int": int, "float": float, "bool": bool, "str": str}[
-        annotation if isinstance(annotation, str) else annotation.__name__
-    ]
-    if expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        raise ValueError(f"{key}={value!r}: must be of type {expected.__name__}")
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list}
+
+
+def check_field_types(obj, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming the first field of dataclass `obj` whose value has the wrong type.
+
+    The one type checker for every config: an int is accepted where a float is expected, a bool
+    is never taken for a number.
+    """
+    for f in fields(obj):
+        name = f.type if isinstance(f.type, str) else f.type.__name__
+        expected, value = _FIELD_TYPES[name], getattr(obj, f.name)
+        if expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, expected)
+        if not ok:
+            raise error(f"{f.name}={value!r}: must be of type {name}")
 
 
 class LayerNorm(nn.Module):
@@ -235,8 +241,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        config.validate()
-        self.config = config
+        self.config = config  # validated when it was constructed
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -261,14 +266,6 @@ class GPT(nn.Module):
         self.last_loop_trace = None
         self.last_loop_iterations = None
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **loop_overrides) -> "GPT":
-        """GPT-2 from Hugging Face: a name or a local directory (see `blockloop.pretrained`)."""
-        # Imported here because blockloop.pretrained imports this module.
-        from blockloop.pretrained import from_pretrained
-
-        return from_pretrained(name_or_dir, **loop_overrides)
-
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -290,10 +287,7 @@ class GPT(nn.Module):
 
     def effective_depth(self, num_loops: int | None = None) -> int:
         """Blocks applied per forward pass when the looped range runs `num_loops` times."""
-        if self.loop_plan is None:
-            return self.config.n_layer
-        t = self.config.max_loops if num_loops is None else num_loops
-        return self.config.n_layer + self.loop_plan.num_blocks * (t - 1)
+        return effective_depth(self.config, num_loops)
 
     def flops_per_token(
         self,

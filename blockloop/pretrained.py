@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from blockloop.checkpoint import CheckpointError, read_nanogpt_checkpoint
-from blockloop.config import ConfigError
+from blockloop.errors import ConfigError
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -286,6 +286,11 @@ def load_pretrained(name_or_path: str, **loop_overrides) -> GPT:
         f"GPT-2 directory (config.json and model.safetensors or pytorch_model.bin)"
     )
 
+
+# nanoGPT's API: `GPT.from_pretrained("gpt2")`. It is attached here rather than defined in
+# model.py so that the model module imports nothing of the package but the loop (no circle);
+# `blockloop/__init__.py` imports this module, so the method is there whenever GPT is.
+GPT.from_pretrained = staticmethod(from_pretrained)
 
 __all__ = [
     "GPT2_NAMES",

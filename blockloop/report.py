@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from blockloop.experiment import PLAN_FILE, REPORT_DIR, RUNS_DIR, load_results
-from blockloop.train import read_jsonl
+from blockloop.records import read_jsonl
 
 FIG_DPI = 110
 # Losses above log(vocab) + this margin are worse than guessing uniformly; drawing them to scale

@@ -53,6 +53,9 @@ from pathlib import Path
 
 import torch
 
+from blockloop.checkpoint import CheckpointError, find_run_checkpoint, load_model
+from blockloop.errors import ConfigError, SampleError
+from blockloop.runtime import resolve_device
 from blockloop.model import GPT, GPTConfig, sample_next_token
 
 # nanoGPT's sample.py separates samples with this line.
@@ -387,10 +390,6 @@ def teacher_forced_logits(
 # the `blockloop sample` command
 
 
-class SampleError(Exception):
-    """A problem the user can fix; `main` prints its one-line message and returns 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blockloop sample",
@@ -452,36 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def checkpoint_path(out_dir: Path) -> Path:
-    """`out_dir`/best.pt, else `out_dir`/last.pt, else a SampleError saying what is missing."""
-    if not out_dir.is_dir():
-        raise SampleError(f"out_dir {out_dir} does not exist; pass --out_dir=<a training output dir>")
-    for name in ("best.pt", "last.pt"):
-        if (out_dir / name).is_file():
-            return out_dir / name
-    raise SampleError(f"no best.pt or last.pt in {out_dir}; train a model there first")
-
-
-def load_model(path: Path, device: str) -> tuple[GPT, dict]:
-    """The model of checkpoint `path` in eval mode on `device`, and the checkpoint's `meta`."""
-    from blockloop.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        payload = load_checkpoint(path, map_location="cpu")
-    except CheckpointError as e:
-        raise SampleError(str(e)) from None
-    for key in ("model", "model_config"):
-        if key not in payload:
-            raise SampleError(f"{path} has no '{key}' entry; it was not written by `blockloop train`")
-    try:
-        model = GPT(GPTConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise SampleError(f"{path}: cannot rebuild the model ({first})") from None
-    return model.eval().to(device), payload.get("meta") or {}
-
-
 class _IdCodec:
     """Synthetic-task models have no text: prompts and samples are token ids."""
 
@@ -531,17 +500,6 @@ def _tokenizer(meta: dict, vocab_size: int):
         raise SampleError(f"tokenizer: {e}") from None
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, ValueError) as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise SampleError(f"--device={device}: not usable here ({first})") from None
-    return device
-
-
 def _check_args(args) -> None:
     if args.num_samples < 1:
         raise SampleError(f"--num_samples={args.num_samples}: must be >= 1")
@@ -559,8 +517,15 @@ def _check_args(args) -> None:
 
 def _sample(args) -> None:
     _check_args(args)
-    device = _resolve_device(args.device)
-    model, meta = load_model(checkpoint_path(Path(args.out_dir)), device)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        raise SampleError(str(e)) from None
+    try:
+        model, payload = load_model(find_run_checkpoint(args.out_dir), device)
+    except CheckpointError as e:
+        raise SampleError(str(e)) from None
+    meta = payload.get("meta") or {}
     if args.refill_keep is not None and not 1 <= args.refill_keep <= model.config.block_size:
         raise SampleError(
             f"--refill_keep={args.refill_keep}: must be in [1, block_size={model.config.block_size}]"

@@ -33,6 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from blockloop.errors import TaskError
+
 HELDOUT_MODULUS = 16
 TASK_DATASETS = ("phop", "pointer")
 # Same defaults as blockloop.config.TrainConfig, for callers that pass a partial dict.
@@ -54,11 +56,6 @@ _STREAM_HELDOUT = 1
 _MAX_DRAWS_PER_EXAMPLE = 1000
 # Cap on one round of candidates, so a low acceptance rate cannot allocate unbounded memory.
 _MAX_ROUND = 1 << 16
-
-
-class TaskError(ValueError):
-    """A task configuration or argument is invalid; the message names the key and what is allowed.
-    """
 
 
 def _check_int(key: str, value: Any, minimum: int, why: str = "") -> None:

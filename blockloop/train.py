@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from blockloop.checkpoint import CheckpointError, load_latest_good, save_checkpoint
+from blockloop.checkpoint import (
+    BEST_CKPT,
+    CHECKPOINT_FORMAT,
+    LAST_CKPT,
+    CheckpointError,
+    load_latest_good,
+    save_checkpoint,
+)
 from blockloop.config import (
     TRAIN_MODEL_DEFAULTS,
     ConfigError,
@@ -32,25 +39,16 @@ from blockloop.config import (
     parse_train_args,
     save_resolved_config,
 )
-from blockloop.looping import sample_num_loops
+from blockloop.evaluation import evaluate
+from blockloop.looping import check_num_loops, is_looped, may_skip_gradients, sample_num_loops
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
+from blockloop.records import read_jsonl
+from blockloop.runtime import autocast_context, mix_seed, resolve_device, resolve_dtype
 
-CHECKPOINT_FORMAT = "blockloop-ckpt-v1"
-LAST_CKPT = "last.pt"
-BEST_CKPT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 # Evaluation batches come from this seed whatever the run's seed, so every run of an experiment
 # is scored on the same batches.
 EVAL_SEED = 20240601
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 finaliser), so nearby steps get unrelated seeds."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -122,70 +120,6 @@ class TrainingData:
         ]
 
 
-def resolve_device(cfg: TrainConfig) -> str:
-    if cfg.device != "auto":
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device={cfg.device!r} but CUDA is not available; use --device=cpu")
-        if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={cfg.device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                f"device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-            )
-        if cfg.device == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("device='mps' but MPS is not available here; use --device=cpu")
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(cfg: TrainConfig, device_type: str) -> str:
-    if cfg.dtype != "auto":
-        if cfg.dtype == "float16" and device_type == "cpu":
-            raise ConfigError("dtype='float16' is not supported on CPU; use float32 or bfloat16")
-        return cfg.dtype
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def autocast_context(device_type: str, dtype: str):
-    if dtype == "float32":
-        return nullcontext()
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.autocast(device_type=device_type, dtype=torch_dtype)
-
-
-@torch.no_grad()
-def evaluate(model, batches, ctx, device, **forward_kwargs) -> dict:
-    """Mean loss (and answer accuracy for tasks) over batches; model left in train mode after.
-
-    Loop-count overrides go through `forward_kwargs` (num_loops, loop_exit, exit_threshold).
-    """
-    was_training = model.training
-    model.eval()
-    # Weighted by scored targets, so a short last batch (task held-out sets) counts as its size.
-    loss_sum, correct, counted, iterations = 0.0, 0, 0, []
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            logits, loss = model(x, y, **forward_kwargs)
-        mask = y != -1
-        n = mask.sum().item()
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-        counted += n
-        raw = model.module if hasattr(model, "module") else model
-        raw = getattr(raw, "_orig_mod", raw)
-        if raw.last_loop_iterations is not None:
-            iterations.append(
-                torch.stack([it.float() for it in raw.last_loop_iterations]).mean().item()
-            )
-    model.train(was_training)
-    out = {"loss": loss_sum / max(counted, 1), "accuracy": correct / max(counted, 1)}
-    if iterations:
-        out["mean_iterations"] = sum(iterations) / len(iterations)
-    return out
-
-
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
 
@@ -219,18 +153,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file; a line cut short by a kill is skipped."""
-    records = []
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 class MetricsLog:
@@ -307,7 +229,7 @@ def not_resumable(path, error: Exception) -> CheckpointError:
 def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     """Train according to `cfg`; returns a summary. Raises ConfigError before any work."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     if ddp:
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -328,8 +250,8 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
         rank, world = 0, 1
     master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = resolve_dtype(cfg, device_type)
-    ctx = autocast_context(device_type, dtype)
+    dtype = resolve_dtype(cfg.dtype, device)
+    ctx = autocast_context(device, dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     accum_per_rank = cfg.gradient_accumulation_steps // world
@@ -432,18 +354,10 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Some steps leave parameters without gradients, and DDP must then look for them: the
-        # concat adapters when a sampled count is 1 (they act from iteration 2), and everything
-        # before the loop under truncated backprop without injection (no path back to x0).
-        looper = raw_model.looper
-        may_skip_params = looper is not None and (
-            (looper.adapters is not None and model_config.loop_sampling != "fixed")
-            or (model_config.loop_backprop_depth > 0 and model_config.injection_mode == "none")
-        )
         model = DDP(
             model,
             device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
-            find_unused_parameters=may_skip_params,
+            find_unused_parameters=may_skip_gradients(model_config),
         )
 
     metrics = MetricsLog(out_dir / METRICS_FILE, enabled=master)
@@ -471,15 +385,13 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
         )
 
     eval_sets = {"train": data.eval_batches("train"), "val": data.eval_batches("val")}
-    loop_counts = [n for n in cfg.eval_loops if raw_model.loop_plan is not None]
-    if any(n > 1 for n in loop_counts) and raw_model.looper.injection == "concat" and (
-        raw_model.looper.adapters is None
-    ):
-        raise ConfigError(
-            f"eval_loops={cfg.eval_loops}: a 'concat' loop built with max_loops=1 has no "
-            f"adapters, so it cannot be evaluated at more than one iteration; set max_loops >= 2 "
-            f"or leave out eval_loops above 1"
-        )
+    # A plain model has no loop to run at other counts: eval_loops does not apply to it.
+    loop_counts = list(cfg.eval_loops) if is_looped(model_config) else []
+    for n in loop_counts:
+        try:
+            check_num_loops(model_config, n, key="eval_loops")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def run_eval(it: int) -> dict:
         # Loop noise in evaluation draws from the global generator: seed it from the iteration,
@@ -487,17 +399,18 @@ def train(cfg: TrainConfig, model_overrides: dict, log=print) -> TrainResult:
         torch.manual_seed(mix_seed(EVAL_SEED, it))
         record = {"iter": it, "kind": "eval"}
         for split, batches in eval_sets.items():
-            res = evaluate(model, batches, ctx, device)
-            record[f"{split}_loss"] = res["loss"]
+            res = evaluate(model, batches, device=device, ctx=ctx)
+            record[f"{split}_loss"] = res.loss
             if data.task is not None:
-                record[f"{split}_accuracy"] = res["accuracy"]
-            if split == "val" and "mean_iterations" in res:
-                record["val_mean_iterations"] = res["mean_iterations"]
+                record[f"{split}_accuracy"] = res.accuracy
+            if split == "val" and res.iterations:
+                record["val_mean_iterations"] = res.mean_iterations
         for n in loop_counts:
-            res = evaluate(model, eval_sets["val"], ctx, device, num_loops=n, loop_exit=False)
-            record[f"val_loss@{n}"] = res["loss"]
+            res = evaluate(model, eval_sets["val"], device=device, ctx=ctx, num_loops=n,
+                           loop_exit=False)
+            record[f"val_loss@{n}"] = res.loss
             if data.task is not None:
-                record[f"val_accuracy@{n}"] = res["accuracy"]
+                record[f"val_accuracy@{n}"] = res.accuracy
         return record
 
     def checkpoint_payload(it: int) -> dict:

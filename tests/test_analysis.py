@@ -270,7 +270,7 @@ def test_lens_needs_a_tracing_model_and_tracing_copy_keeps_weights():
     with pytest.raises(analysis.AnalysisError, match="loops_representation=True"):
         logit_lens_losses(plain, x, y)
     traced = tracing_copy(plain)
-    assert traced.looper.record and not plain.looper.record
+    assert traced.config.loops_representation and not plain.config.loops_representation
     assert torch.equal(plain(x, y)[1], traced(x, y)[1])
 
 

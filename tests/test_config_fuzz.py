@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from blockloop.config import all_keys
 from blockloop.model import MAX_LOOPS_LIMIT
 from blockloop.train import main as train_main
-from tests.test_train import write_token_dataset
+from tests.conftest import write_token_dataset
 
 # Legal names of devices this machine lacks: refused before any work.
 UNAVAILABLE = ([] if torch.cuda.is_available() else ["cuda", "cuda:0"]) + (

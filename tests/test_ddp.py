@@ -26,7 +26,7 @@ from blockloop.checkpoint import load_checkpoint
 from blockloop.config import parse_train_args
 from blockloop.model import GPT
 from blockloop.train import TrainingData, build_model, mix_seed
-from tests.test_train import read_metrics, run, tiny_args, write_token_dataset
+from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 120

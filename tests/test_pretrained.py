@@ -16,7 +16,7 @@ from blockloop.checkpoint import CheckpointError
 from blockloop.config import ConfigError
 from blockloop.model import GPT, GPTConfig
 from blockloop.pretrained import from_pretrained, load_pretrained
-from tests.test_train import read_metrics, run, write_token_dataset
+from tests.conftest import read_metrics, run, write_token_dataset
 
 # transformers is in the `dev` extra; the loader itself does not need it.
 transformers = pytest.importorskip("transformers")

@@ -32,7 +32,7 @@ from blockloop import cli
 from blockloop.checkpoint import load_checkpoint, load_latest_good
 from blockloop.model import GPT
 from blockloop.train import TrainingData
-from tests.test_train import read_metrics, run, tiny_args, write_token_dataset
+from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # Exercise the stochastic paths (dropout, sampled loop counts, loop noise also in evaluation):

@@ -13,40 +13,7 @@ from blockloop.model import GPT, GPTConfig
 from blockloop.pretrained import from_nanogpt_checkpoint
 from blockloop.train import get_lr, train
 from tests import reference
-
-
-def write_token_dataset(root, vocab=11, train_tokens=4000, val_tokens=600, seed=0):
-    """A tiny dataset in the on-disk format (docs/CONTRACTS.md): a noisy repeating pattern."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train_tokens), ("val", val_tokens)):
-        base = np.arange(n) % (vocab - 1)
-        noise = rng.integers(0, vocab, n)
-        ids = np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
-        ids.tofile(root / f"{split}.bin")
-    itos = [chr(ord("a") + i) for i in range(vocab)]
-    meta = {"format": "blockloop-tokens-v1", "dataset": "tiny", "vocab_size": vocab, "dtype": "uint16",
-            "tokenizer": {"kind": "char", "itos": itos}, "source": "test",
-            "train_tokens": train_tokens, "val_tokens": val_tokens}
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
-
-
-def tiny_args(data_dir, out_dir, *extra):
-    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--dataset=tiny", "--batch_size=4",
-            "--block_size=16", "--n_layer=2", "--n_head=2", "--n_embd=16", "--eval_iters=2",
-            "--eval_interval=4", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=2",
-            "--lr_decay_iters=12", "--min_lr=3e-4", "--gradient_accumulation_steps=2",
-            "--progress=False", "--device=cpu", *extra]
-
-
-def run(args):
-    cfg, model = parse_train_args(args)
-    return train(cfg, model, log=lambda *a: None)
-
-
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
 
 
 def test_lr_schedule_warmup_cosine_and_degenerate_decay():
@@ -154,13 +121,13 @@ def test_resume_refuses_a_changed_model_key(tmp_path):
 
 
 def test_task_eval_loss_weights_batches_by_size():
-    from blockloop.train import evaluate
+    from blockloop.evaluation import evaluate
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=13, n_layer=1, n_head=1, n_embd=8))
     x = torch.randint(0, 13, (5, 8))
     y = torch.full((5, 8), -1)
     y[:, -1] = torch.randint(0, 13, (5,))
-    whole = evaluate(model, [(x, y)], torch.no_grad(), "cpu")["loss"]
-    split = evaluate(model, [(x[:4], y[:4]), (x[4:], y[4:])], torch.no_grad(), "cpu")["loss"]
+    whole = evaluate(model, [(x, y)]).loss
+    split = evaluate(model, [(x[:4], y[:4]), (x[4:], y[4:])]).loss
     assert split == pytest.approx(whole, rel=1e-6)

@@ -1,0 +1,90 @@
+"""Where and how tensors compute: device and dtype resolution, autocast, seeds, threads.
+
+Every command resolves its `--device` and `--dtype` here, so one rule (and one error message)
+holds for `train`, `sample`, `analyze` and the experiment runner.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+
+import torch
+
+from blockloop.errors import ConfigError
+
+DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser), so nearby steps get unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def check_device_name(device: str, key: str = "device") -> None:
+    """Raise ConfigError unless `device` is spelled as one of DEVICES_HELP."""
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", device)
+    ):
+        raise ConfigError(f"{key}={device!r}: must be {DEVICES_HELP}")
+
+
+def resolve_device(device: str, key: str = "device") -> str:
+    """The torch device to use for `device` ("auto": CUDA if available, else CPU).
+
+    Raises ConfigError naming `key` for a misspelt device or one this machine does not have.
+    """
+    check_device_name(device, key)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={device!r} but CUDA is not available; use --{key}=cpu")
+        count = torch.cuda.device_count()
+        if device.startswith("cuda:") and int(device[5:]) >= count:
+            raise ConfigError(
+                f"{key}={device!r} but this machine has {count} CUDA device(s), "
+                f"cuda:0 .. cuda:{count - 1}"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}='mps' but MPS is not available here; use --{key}=cpu")
+    return device
+
+
+def device_type(device: str) -> str:
+    """"cuda" for any CUDA device, else the device string's type ("cpu", "mps")."""
+    return "cuda" if str(device).startswith("cuda") else str(device).split(":")[0]
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The compute dtype for `dtype` on `device` ("auto": bf16/fp16 on CUDA, float32 elsewhere).
+
+    Raises ConfigError for float16 on the CPU, which torch's CPU autocast does not support.
+    """
+    kind = device_type(device)
+    if dtype != "auto":
+        if dtype == "float16" and kind == "cpu":
+            raise ConfigError("dtype='float16' is not supported on CPU; use float32 or bfloat16")
+        return dtype
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast_context(device: str, dtype: str):
+    """Autocast to `dtype` on `device`'s type; a no-op context for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type(device), dtype=TORCH_DTYPES[dtype])
+
+
+def unwrap(model):
+    """The GPT inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
