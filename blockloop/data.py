@@ -149,10 +149,14 @@ class TokenDataset:
         for split in SPLITS:
             n = self.num_tokens(split)
             if n < block_size + 1:
+                fix = f"use block_size <= {n - 1}, or prepare more data" if n >= 2 else (
+                    "prepare more data"
+                )
+                if split == "val" and self._meta.get("dataset") == "openwebtext":
+                    fix += " (a larger --val_fraction)"
                 raise DataError(
-                    f"{self.bin_path(split)}: {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                    f"use block_size <= {n - 1}, or prepare more data"
-                    + (" (a larger --val_fraction)" if split == "val" else "")
+                    f"{self.bin_path(split)}: {n} tokens, fewer than block_size + 1 = "
+                    f"{block_size + 1}; {fix}"
                 )
 
     # ---- accessors --------------------------------------------------------------------------

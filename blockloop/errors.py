@@ -43,6 +43,13 @@ class ExperimentError(BlockloopError, ValueError):
     """A bad experiment file or option; the message names the file, the key and the fix."""
 
 
+class PrepareError(BlockloopError, RuntimeError):
+    """A dataset could not be prepared; the message names the input and the fix (exit code 1,
+    as `blockloop prepare` has always returned)."""
+
+    exit_code = 1
+
+
 class DivergedError(BlockloopError, FloatingPointError):
     """Training produced a non-finite loss; the last good checkpoint is kept (exit code 3)."""
 

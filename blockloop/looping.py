@@ -241,6 +241,16 @@ class LoopRunner(nn.Module):
         else:
             self.adapters = None
 
+    def nonfinite_onset(self) -> tuple[int, int] | None:
+        """(looped unit index, iteration t >= 1) where the loop state first held NaN or infinity
+        in the last forward pass outside training, or None if every state was finite (or the
+        last pass was a training one)."""
+        for u, finite in enumerate(getattr(self, "last_finite", None) or []):
+            bad = (~finite).nonzero()
+            if bad.numel():
+                return u, int(bad[0]) + 1
+        return None
+
     def reset_adapters(self) -> None:
         if self.adapters is not None:
             for adapter in self.adapters:
@@ -272,6 +282,9 @@ class LoopRunner(nn.Module):
         if loop_exit:
             threshold = cfg.automatic_loop_exit_threshold if exit_threshold is None else exit_threshold
         trace = LoopTrace() if cfg.loops_representation else None
+        # Outside training, whether each iteration's state is finite is kept (no host sync) so
+        # a diverged run can be reported with the iteration where it broke (`nonfinite_onset`).
+        self.last_finite = None if self.training else []
         iterations = []
         for u, unit in enumerate(self.plan.units):
             unit_blocks = [blocks[i] for i in unit]
@@ -324,6 +337,7 @@ class LoopRunner(nn.Module):
         if cfg.loop_backprop_depth > 0 and self.training:
             no_grad_until = max(num_loops - cfg.loop_backprop_depth, 0)
         active = None  # indices of sequences still iterating; None means all of them
+        finite = [] if getattr(self, "last_finite", None) is not None else None
         for t in range(1, num_loops + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t > no_grad_until):
                 if active is None:
@@ -341,6 +355,8 @@ class LoopRunner(nn.Module):
                         delta = torch.full((batch,), float("nan"), device=x0.device)
                         delta[active] = delta_sub.detach().to(delta.dtype)
             state = new_state
+            if finite is not None:
+                finite.append(torch.isfinite(state).all())
             if record:
                 states.append(state.detach())
                 deltas.append(delta.detach().float())
@@ -352,6 +368,8 @@ class LoopRunner(nn.Module):
                     active = still[~converged]
                     if active.numel() == 0:
                         break
+        if finite is not None:
+            self.last_finite.append(torch.stack(finite))
         if record:
             # Sequences (or the whole batch) that stopped keep their state for the rest.
             while len(states) < num_loops + 1:

@@ -434,22 +434,55 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """nanoGPT's generation loop without a cache (the reference for the cached sampler)."""
+    def generate(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_limit=None
+    ):
+        """nanoGPT's generation loop without a cache (the reference for the cached sampler).
+
+        `idx` int64 (B, L) -> (B, L + max_new_tokens); the sampling options are
+        `sample_next_token`'s.
+        """
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
             logits, _ = self(idx_cond)
-            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+            idx_next = sample_next_token(
+                logits[:, -1, :], temperature, top_k, generator, vocab_limit
+            )
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, generator=None):
-    """One token per row from last-position logits, with temperature and top-k."""
-    if temperature <= 0:
+def check_sampling_options(temperature, top_k) -> None:
+    """Raise ValueError unless temperature is a finite number >= 0 (0 = greedy) and top_k is
+    None or an integer >= 0 (None and 0 both mean no top-k)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 or None = no top-k)")
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, generator=None, vocab_limit=None):
+    """One token id per row from last-position logits `(B, V)` -> int64 `(B, 1)`.
+
+    temperature 0 is greedy (argmax); top_k None or 0 keeps every id; ids >= `vocab_limit` are
+    never chosen (a padded vocabulary, as nanoGPT's 50304 for GPT-2's 50257, has ids the
+    tokenizer cannot decode). Raises ValueError for bad options (`check_sampling_options`) and
+    FloatingPointError when a row's logits are not finite (a diverged model), rather than
+    returning the argmax of NaN.
+    """
+    check_sampling_options(temperature, top_k)
+    if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits = logits.clone()
+        logits[..., vocab_limit:] = -float("inf")
+    allowed = logits[..., :vocab_limit] if vocab_limit is not None else logits
+    if not bool(torch.isfinite(allowed).all()):
+        raise FloatingPointError("the model's logits are not finite (NaN or infinity)")
+    if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits / temperature
-    if top_k is not None:
+    if top_k:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
     probs = F.softmax(logits, dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -212,11 +213,7 @@ class GPT2Tokenizer:
 
 def tokenizer_from_meta(meta: dict, offline: bool | None = None) -> CharTokenizer | GPT2Tokenizer:
     """Rebuild a tokenizer from meta.json's `tokenizer` entry (or from the whole meta.json dict)."""
-    if not isinstance(meta, dict):
-        raise ValueError(f"tokenizer meta must be a dict, got {type(meta).__name__}")
-    spec = meta.get("tokenizer", meta)
-    if not isinstance(spec, dict):
-        raise ValueError(f"meta 'tokenizer' must be a dict, got {type(spec).__name__}")
+    spec = tokenizer_spec(meta)
     kind = spec.get("kind")
     if kind == "char":
         if "itos" not in spec:
@@ -225,3 +222,30 @@ def tokenizer_from_meta(meta: dict, offline: bool | None = None) -> CharTokenize
     if kind == "gpt2":
         return GPT2Tokenizer(offline=offline)
     raise ValueError(f"unknown tokenizer kind {kind!r} in meta; expected 'char' or 'gpt2'")
+
+
+def tokenizer_spec(meta: dict) -> dict:
+    """The tokenizer entry of a meta.json dict (or the entry itself), checked to be a dict."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"tokenizer meta must be a dict, got {type(meta).__name__}")
+    spec = meta.get("tokenizer", meta)
+    if not isinstance(spec, dict):
+        raise ValueError(f"meta 'tokenizer' must be a dict, got {type(spec).__name__}")
+    return spec
+
+
+def tokenizer_fingerprint(meta: dict) -> str:
+    """A short hash of what decoding depends on: the kind and, for characters, the whole
+    vocabulary in order (GPT-2 BPE is fixed: its ranks file's pinned hash stands for it).
+
+    Two data directories whose fingerprints differ decode the same ids to different text, so a
+    checkpoint stores the fingerprint of the data it was trained on and every reader compares.
+    """
+    spec = tokenizer_spec(meta)
+    what = {"kind": spec.get("kind")}
+    if spec.get("kind") == "char":
+        what["itos"] = spec.get("itos")
+    elif spec.get("kind") == "gpt2":
+        what["ranks_sha256"] = WHISPER_GPT2_SHA256
+    blob = json.dumps(what, sort_keys=True, ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

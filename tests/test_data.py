@@ -222,3 +222,17 @@ def test_get_batch_argument_errors(position_dir):
         ds.get_batch("test", 2, 4, seed=0, step=0)
     with pytest.raises(ValueError, match="batch_size and block_size"):
         ds.get_batch("train", 0, 4, seed=0, step=0)
+
+
+def test_short_split_advice_is_one_that_works(tmp_path, char_dir):
+    ds = TokenDataset(char_dir)
+    # A char data set has no --val_fraction flag: the advice must not name one.
+    with pytest.raises(DataError) as err:
+        ds.check_block_size(ds.num_tokens("val"))
+    assert "val_fraction" not in str(err.value)
+    # A 1-token split cannot hold any window: "block_size <= 0" would be no advice at all.
+    write_dir(tmp_path / "one", np.arange(50) % 5, np.array([1]), 5,
+              CharTokenizer(list("abcde")).to_meta())
+    with pytest.raises(DataError, match="prepare more data") as err:
+        TokenDataset(tmp_path / "one").check_block_size(4)
+    assert "block_size <=" not in str(err.value)

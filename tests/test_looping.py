@@ -410,3 +410,25 @@ def test_invalid_loop_config_raises_naming_the_key(kw, key):
 
 def test_radius_ignored_when_looping_off():
     assert GPT(config(loop_center_idx=-1, loop_radius=7)).loop_plan is None
+
+
+def test_nonfinite_onset_names_the_iteration_where_the_state_diverged():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=2, n_embd=16,
+                          loop_center_idx=1, max_loops=3, loop_input_injection="concat")).eval()
+    with torch.no_grad():
+        for adapter in model.looper.adapters:
+            adapter.proj.weight.fill_(0.5)  # the state grows geometrically
+        x = torch.randint(0, 11, (2, 8))
+        model(x, num_loops=3)
+        assert model.looper.nonfinite_onset() is None
+        logits, _ = model(x, num_loops=256)
+    assert not torch.isfinite(logits).all()
+    unit, t = model.looper.nonfinite_onset()
+    # An independent check: run the loop by hand and find the first non-finite state.
+    model.config.loops_representation = True
+    with torch.no_grad():
+        model(x, num_loops=256)
+    states = model.last_loop_trace.units[0].states
+    first = next(i for i in range(1, 257) if not torch.isfinite(states[i]).all())
+    assert (unit, t) == (0, first)

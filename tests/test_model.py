@@ -114,3 +114,42 @@ def test_weight_decay_groups():
 def test_invalid_architecture_raises_naming_the_key(kw, key):
     with pytest.raises(ValueError, match=key):
         tiny_config(**kw)
+
+
+def test_sample_next_token_options_mean_the_same_as_the_command_line():
+    from blockloop.model import sample_next_token
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    gen = torch.Generator().manual_seed(0)
+    # top_k=0 is "no top-k", as on the command line, not an IndexError.
+    draws = {int(sample_next_token(logits, 5.0, 0, gen)) for _ in range(200)}
+    assert draws == {0, 1, 2, 3}
+    assert {int(sample_next_token(logits, 5.0, 1, gen)) for _ in range(20)} == {1}
+    for bad in (float("nan"), -0.5, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_next_token(logits, bad)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next_token(logits, 1.0, -1)
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+    from blockloop.model import sample_next_token
+
+    # The padding ids (2, 3) carry the largest logits: without the limit they would win.
+    logits = torch.tensor([[0.0, 0.5, 9.0, 9.0]]).repeat(64, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert int(sample_next_token(logits[:1], 0.0, None, gen, vocab_limit=2)) == 1
+    drawn = sample_next_token(logits, 1.0, None, gen, vocab_limit=2)
+    assert drawn.max().item() <= 1
+    assert sample_next_token(logits, 1.0, 3, gen, vocab_limit=2).max().item() <= 1
+
+
+def test_non_finite_logits_raise_instead_of_greedy_nan():
+    from blockloop.model import sample_next_token
+
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    for temperature in (0.0, 1.0):
+        with pytest.raises(FloatingPointError, match="not finite"):
+            sample_next_token(logits, temperature)
+    # Non-finite values among masked padding ids do not matter.
+    assert int(sample_next_token(torch.tensor([[0.0, 1.0, float("nan")]]), 0.0, vocab_limit=2)) == 1

@@ -413,3 +413,17 @@ def test_val_assignment_is_deterministic_and_near_fraction():
     picks = [owt.is_val_document(i, 0.1) for i in range(20_000)]
     assert picks == [owt.is_val_document(i, 0.1) for i in range(20_000)]
     assert 0.09 < sum(picks) / len(picks) < 0.11
+
+
+def test_data_dir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    src = tmp_path / "text.txt"
+    src.write_text("hello there\n" * 200)
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a directory")
+    assert main(["shakespeare_char", "--source", str(src), "--data_dir", str(occupied)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "is a file" in err[0]
+    assert occupied.read_text() == "not a directory"
+    # Below a file as well: the parent is checked before anything is written.
+    assert main(["shakespeare_char", "--source", str(src), "--data_dir", str(occupied / "sub")]) == 1
+    assert "is a file" in capsys.readouterr().err

@@ -9,9 +9,10 @@ import argparse
 import sys
 import time
 
+from ..errors import PrepareError
 from ..tokenizers import TokenizerUnavailableError, offline_mode
 from . import openwebtext, shakespeare, shakespeare_char
-from .common import PrepareError
+from .common import check_data_dir
 
 DATASETS = {
     "shakespeare_char": "Tiny Shakespeare, character level (65 symbols canonical, 68 offline)",
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     offline = offline_mode(True if args.offline else None)
     start = time.perf_counter()
     try:
+        check_data_dir(args.data_dir)
         if args.dataset == "openwebtext":
             openwebtext.prepare(
                 args.data_dir,
@@ -80,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             module = shakespeare_char if args.dataset == "shakespeare_char" else shakespeare
             module.prepare(args.data_dir, offline=offline, source=args.source)
-    except (PrepareError, TokenizerUnavailableError) as e:
-        print(f"blockloop prepare {args.dataset}: error: {e}", file=sys.stderr)
+    except (PrepareError, TokenizerUnavailableError, OSError) as e:
+        # OSError: an unreadable source or an unwritable directory; its message names the path.
+        print(f"blockloop prepare {args.dataset}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

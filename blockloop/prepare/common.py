@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from blockloop.errors import PrepareError
+
 from ..data import DTYPES, META_FORMAT, SPLITS
 
 # nanoGPT's Shakespeare split: the first 90% of the characters train, the rest validate.
 TRAIN_FRACTION = 0.9
-
-
-class PrepareError(RuntimeError):
-    """A dataset could not be prepared; the message names the input and the fix."""
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -57,6 +55,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_data_dir(data_dir) -> None:
+    """Raise PrepareError unless `data_dir` is a directory or can be created as one."""
+    path = Path(data_dir)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrepareError(
+                    f"--data_dir={data_dir}: {parent} is a file, not a directory; choose another "
+                    f"--data_dir"
+                )
+            break
+
+
 class TokenDirWriter:
     """Appends token ids per split to temporary files; `commit()` publishes them atomically.
 
@@ -66,6 +77,7 @@ class TokenDirWriter:
 
     def __init__(self, out_dir, dataset: str, vocab_size: int, tokenizer_meta: dict, source: str):
         self.out_dir = Path(out_dir)
+        check_data_dir(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dataset = dataset
         self.vocab_size = vocab_size
@@ -110,7 +122,8 @@ class TokenDirWriter:
             self.abort()
             raise PrepareError(
                 f"{self.dataset}: the {' and '.join(empty)} split came out empty; give it more text"
-                + (" or a larger --val_fraction" if "val" in empty else "")
+                + (" or a larger --val_fraction" if "val" in empty and self.dataset == "openwebtext"
+                   else "")
             )
         for split in SPLITS:
             f = self._files[split]
