@@ -553,6 +553,20 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, bbox_inches="tight")
 
 
+def _new_axes():
+    """A default-sized figure with one set of axes: (fig, ax)."""
+    fig = _new_figure()
+    return fig, fig.subplots()
+
+
+def _finish(fig, ax, path: Path, grid_axis: str = "both", **labels) -> None:
+    """Label `ax` (xlabel, ylabel, title), add the grid and legend, and save `fig` to `path`."""
+    ax.set(**labels)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _plot_dynamics(res, path):
     fig = _new_figure(11, 4.2)
     ax_d, ax_c = fig.subplots(1, 2)
@@ -580,23 +594,18 @@ def _plot_dynamics(res, path):
 
 
 def _plot_norm(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     t = np.arange(res["num_loops"] + 1)
     for k, unit in enumerate(res["units"]):
         mean, std = _nan(unit["norm_mean"]), _nan(unit["norm_std"])
         ax.plot(t, mean, "o-", color=f"C{k}", label=_unit_label(unit))
         ax.fill_between(t, mean - std, mean + std, color=f"C{k}", alpha=0.2)
-    ax.set(xlabel="iteration t (0 = loop input)", ylabel="L2 norm of token state",
-           title="State norm per iteration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="iteration t (0 = loop input)",
+            ylabel="L2 norm of token state", title="State norm per iteration")
 
 
 def _plot_logit_lens(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     t = np.arange(res["num_loops"] + 1)
     for k, unit in enumerate(res["units"]):
         ax.plot(t, _nan(unit["logit_lens_loss"]), "o-", color=f"C{k}",
@@ -604,16 +613,12 @@ def _plot_logit_lens(res, path):
         ax.plot(t, _nan(unit["logit_lens_direct_loss"]), "x--", color=f"C{k}",
                 label=f"{_unit_label(unit)}: direct (ln_f + head)")
     ax.axhline(res["model_loss"], color="gray", ls=":", label="model loss")
-    ax.set(xlabel="iteration t (0 = loop skipped)", ylabel="validation loss",
-           title="Logit lens: loss if the loop stopped at t")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="iteration t (0 = loop skipped)", ylabel="validation loss",
+            title="Logit lens: loss if the loop stopped at t")
 
 
 def _plot_exit_histogram(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     units = res["units"]
     t = np.arange(1, res["num_loops"] + 1)
     width = 0.8 / len(units)
@@ -621,18 +626,15 @@ def _plot_exit_histogram(res, path):
         ax.bar(t + (k - (len(units) - 1) / 2) * width, unit["exit_histogram"], width=width,
                color=f"C{k}", label=_unit_label(unit))
     ax.set_xticks(t)
-    ax.set(xlabel=f"iterations run (at {res['num_loops']}, the cap, also those that never exited)",
-           ylabel="sequences",
-           title=f"Automatic exit at threshold {res['exit']['threshold']:g} "
-                 f"(mean {res['exit']['mean_iterations']:.2f} iterations)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, grid_axis="y",
+            xlabel=f"iterations run (at {res['num_loops']}, the cap, also those that never exited)",
+            ylabel="sequences",
+            title=f"Automatic exit at threshold {res['exit']['threshold']:g} "
+                  f"(mean {res['exit']['mean_iterations']:.2f} iterations)")
 
 
 def _plot_exit_sweep(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     sweep = res["exit_sweep"]
     xs = [p["mean_iterations"] for p in sweep]
     ys = _nan([p["loss"] for p in sweep])
@@ -649,11 +651,8 @@ def _plot_exit_sweep(res, path):
     fixed = [p for p in res["loop_scaling"] if p["num_loops"] <= res["num_loops"]]
     ax.plot([p["num_loops"] for p in fixed], _nan([p["loss"] for p in fixed]), "s--",
             color="C1", label="fixed iteration count")
-    ax.set(xlabel="mean iterations used", ylabel="validation loss",
-           title="Loss against compute: exit thresholds vs fixed counts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="mean iterations used", ylabel="validation loss",
+            title="Loss against compute: exit thresholds vs fixed counts")
 
 
 def _plot_pca(res, path):
@@ -711,8 +710,7 @@ def _plot_cka(res, path):
 
 
 def _plot_loop_scaling(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     pts = res["loop_scaling"]
     ax.plot([p["num_loops"] for p in pts], _nan([p["loss"] for p in pts]), "o-", color="C0",
             label="validation loss")
@@ -721,11 +719,8 @@ def _plot_loop_scaling(res, path):
     ax.set_xscale("log", base=2)
     ax.set_xticks([p["num_loops"] for p in pts])
     ax.set_xticklabels([str(p["num_loops"]) for p in pts])
-    ax.set(xlabel="iterations at test time", ylabel="validation loss",
-           title="Test-time loop scaling")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="iterations at test time", ylabel="validation loss",
+            title="Test-time loop scaling")
 
 
 _PLOTTERS = {
@@ -913,6 +908,7 @@ def _thresholds(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `blockloop analyze` argument parser (options, defaults and help)."""
     parser = argparse.ArgumentParser(
         prog="blockloop analyze",
         description=(
