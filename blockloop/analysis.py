@@ -9,15 +9,18 @@ measures, per unit and iteration t:
 - a logit lens: the loss the model would have if the loop stopped at s_t (defined below);
 - linear CKA between the token representations of every pair of iterations;
 - a 2-D PCA trajectory of a few tokens' states;
-and, from separate forward passes, the exit iterations under automatic exit, a sweep of exit
-thresholds (loss against mean iterations used), and test-time loop scaling (validation loss at
-1, 2, 4, 8, 16 iterations, the trained count and twice it).
+and, from separate forward passes through `blockloop.evaluation` (the same functions training
+and the experiment runner use, so the numbers agree with theirs): the exit iterations under
+automatic exit, an exit sweep (`exit_sweep`: loss against mean iterations used, per threshold),
+and test-time loop scaling (`loop_scaling`: validation loss at the counts of
+`blockloop.looping.scaling_loop_counts`, which include the trained count and twice it). Every pass
+runs under the run's own autocast dtype.
 
 The metric functions (`linear_cka`, `cka_matrix`, `token_dynamics`, `pca_trajectories`,
-`logit_lens_losses`, `run_batches`, `analyze_model`) take tensors and models and return numbers,
-so other code (the experiment runner) can call them without touching files; `write_report` turns
-their result into `analysis.json`, PNG figures and `analysis.md`; `analyze_checkpoint` and `main`
-do the whole thing for a checkpoint directory.
+`logit_lens_losses`, `analyze_model`) take tensors and models and return numbers, so other code
+(the experiment runner) can call them without touching files; `write_report` turns their result
+into `analysis.json`, PNG figures and `analysis.md`; `analyze_checkpoint` and `main` do the whole
+thing for a checkpoint directory.
 
 Definitions (also in the docstrings of the functions that compute them):
 
@@ -36,20 +39,27 @@ Definitions (also in the docstrings of the functions that compute them):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from blockloop.errors import AnalysisError
-from blockloop.looping import MAX_LOOPS_LIMIT
+from blockloop.checkpoint import find_run_checkpoint, load_model
+from blockloop.config import TrainConfig
+from blockloop.errors import AnalysisError, BlockloopError, ConfigError, one_line
+from blockloop.evaluation import eval_mode, evaluate, exit_sweep, loop_scaling
+from blockloop.looping import check_num_loops, is_looped, scaling_loop_counts
 from blockloop.model import GPT, GPTConfig
+from blockloop.records import atomic_write_json, finite_or_none, jsonable
+from blockloop.runtime import autocast_context, resolve_device, resolve_dtype
+from blockloop.train import TrainingData
 
 # Exit threshold used for the exit histogram when the model was not configured with automatic
 # exit (its configured threshold then says nothing about how it was meant to be used).
@@ -59,7 +69,6 @@ DEFAULT_THRESHOLDS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 # iterations where exit is checked) are added: a fixed grid alone can miss the whole range in
 # which a given model's sequences actually differ.
 SWEEP_DELTA_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
-BASE_LOOP_COUNTS = (1, 2, 4, 8, 16)
 # Token rows used for CKA: the Gram matrices are n x n per iteration, so n bounds memory and
 # time (17 iterations x 512^2 float64 is 36 MB); CKA estimates are stable well below this n.
 DEFAULT_CKA_TOKENS = 512
@@ -223,16 +232,6 @@ def pca_trajectories(states, n_components: int = 2) -> dict:
 # model-level metrics
 
 
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _require_trace(model: GPT) -> None:
     if model.looper is None:
         raise AnalysisError(
@@ -312,61 +311,15 @@ def logit_lens_losses(model: GPT, idx, targets, *, num_loops: int | None = None)
     """
     _require_trace(model)
     num_loops = model.config.max_loops if num_loops is None else int(num_loops)
-    with _eval_mode(model):
+    with eval_mode(model):
         _, loss = model(idx, targets, num_loops=num_loops, loop_exit=False)
         units = _lens_from_trace(model, model.last_loop_trace, targets, num_loops)
     return {"model_loss": loss.item(), "units": units}
 
 
-@torch.no_grad()
-def run_batches(model: GPT, batches, device="cpu", **forward_kwargs) -> dict:
-    """Mean loss over batches (the mean of batch means, as training's evaluation reports it),
-    token accuracy on the positions with a target, and the iterations each sequence ran per
-    looped unit (`iterations`: one int64 tensor per unit, all batches concatenated).
-
-    `forward_kwargs` go to the model: num_loops, loop_exit, exit_threshold.
-    """
-    losses, correct, counted, iterations = [], 0, 0, None
-    with _eval_mode(model):
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits, loss = model(x, y, **forward_kwargs)
-            losses.append(loss.item())
-            mask = y != -1
-            correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-            counted += mask.sum().item()
-            if model.last_loop_iterations is not None:
-                its = [i.cpu() for i in model.last_loop_iterations]
-                iterations = its if iterations is None else [
-                    torch.cat([a, b]) for a, b in zip(iterations, its)
-                ]
-    return {
-        "loss": sum(losses) / len(losses),
-        "accuracy": correct / max(counted, 1),
-        "iterations": iterations or [],
-    }
-
-
-def _mean_iterations(iterations: list[torch.Tensor]) -> float:
-    """Mean over looped units and sequences of the iterations run."""
-    return torch.stack([i.float().mean() for i in iterations]).mean().item()
-
-
 def _histogram(iterations: torch.Tensor, num_loops: int) -> list[int]:
     """counts[t-1] = number of sequences that ran t iterations, t = 1..num_loops."""
     return torch.bincount(iterations, minlength=num_loops + 1)[1:].tolist()
-
-
-def loop_counts_for(config: GPTConfig, num_loops: int | None = None) -> list[int]:
-    """Iteration counts for the test-time scaling curve: 1, 2, 4, 8, 16, the trained count and
-    twice it (beyond training), and `num_loops` if given. A concat-injection model built with
-    max_loops=1 has no adapter and can only run one iteration."""
-    if config.injection_mode == "concat" and config.max_loops == 1:
-        return [1]
-    counts = set(BASE_LOOP_COUNTS) | {config.max_loops, 2 * config.max_loops}
-    if num_loops is not None:
-        counts.add(int(num_loops))
-    return sorted(c for c in counts if c <= MAX_LOOPS_LIMIT)
 
 
 def _pick_rows(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -381,6 +334,142 @@ def _summary(values: torch.Tensor) -> tuple[list, list]:
     return mean.tolist(), std.tolist()
 
 
+def _check_loops(config: GPTConfig, num_loops, key: str = "num_loops") -> None:
+    """`looping.check_num_loops`, reported as an AnalysisError (one line naming `key`)."""
+    try:
+        check_num_loops(config, num_loops, key)
+    except ValueError as e:
+        raise AnalysisError(str(e)) from None
+
+
+def _pca_tokens(x: torch.Tensor, pca_tokens: int, token_labels) -> tuple:
+    """PCA tokens of batch x (B, L): evenly spaced positions spread over its sequences.
+
+    Returns (sequence indices (k,), positions (k,), [{"sequence", "position", "token", "label"}]).
+    """
+    B, L = x.shape
+    k = min(pca_tokens, B * L)
+    pos = torch.linspace(0, L - 1, k).round().long()
+    seq = torch.arange(k) % B
+    ids = x[seq.to(x.device), pos.to(x.device)].tolist()
+    info = [
+        {"sequence": int(s), "position": int(p), "token": int(i),
+         "label": f"pos {int(p)} {token_labels(int(i)) if token_labels else int(i)}"}
+        for s, p, i in zip(seq.tolist(), pos.tolist(), ids)
+    ]
+    return seq, pos, info
+
+
+def _new_accumulator() -> dict:
+    return {"norm": [], "cos_prev": [], "cos_final": [], "delta": [], "cka": [], "lens": [],
+            "direct": [], "pca_states": None, "pca_tokens": []}
+
+
+def _accumulate(acc: dict, unit_trace, lens: dict, rows: torch.Tensor) -> None:
+    """Add one batch's trace of one looped unit (states (T+1, B, L, C)) to `acc`."""
+    dyn = token_dynamics(unit_trace.states)
+    for key in ("norm", "cos_prev", "cos_final"):
+        acc[key].append(dyn[key])
+    acc["delta"].append(unit_trace.deltas.cpu().to(torch.float64))
+    # Only the sampled rows leave the device: the full trace is (T+1) activations.
+    states = unit_trace.states
+    acc["cka"].append(states.reshape(states.shape[0], -1, states.shape[-1])[:, rows].cpu())
+    acc["lens"].append(lens["continue"])
+    acc["direct"].append(lens["direct"])
+
+
+@torch.no_grad()
+def _trace_batches(model: GPT, batches, num_loops: int, device, ctx, cka_tokens: int,
+                   pca_tokens: int, token_labels) -> list[dict]:
+    """Run the traced pass (`num_loops` iterations, no exit) on every batch; per looped unit,
+    the per-batch dynamics, deltas, CKA rows, logit-lens losses and batch 0's PCA states."""
+    torch.manual_seed(ANALYSIS_SEED)
+    gen = torch.Generator().manual_seed(ANALYSIS_SEED)
+    accs = [_new_accumulator() for _ in model.loop_plan.units]
+    rows_per_batch = math.ceil(cka_tokens / len(batches))
+    with eval_mode(model), (nullcontext() if ctx is None else ctx):
+        for b, (x, y) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            model(x, y, num_loops=num_loops, loop_exit=False)
+            trace = model.last_loop_trace
+            lens = _lens_from_trace(model, trace, y, num_loops)
+            rows = _pick_rows(x.numel(), rows_per_batch, gen).to(device)
+            if b == 0:
+                seq, pos, info = _pca_tokens(x, pca_tokens, token_labels)
+            for acc, unit_trace, unit_lens in zip(accs, trace.units, lens):
+                _accumulate(acc, unit_trace, unit_lens, rows)
+                if b == 0:
+                    acc["pca_states"] = unit_trace.states[:, seq.to(device), pos.to(device)].cpu()
+                    acc["pca_tokens"] = info
+    return accs
+
+
+def _unit_result(blocks, acc: dict, num_loops: int) -> dict:
+    """The per-unit entry of the result from a `_trace_batches` accumulator."""
+    delta_mean, delta_std = _summary(torch.cat(acc["delta"], dim=1))
+    norm_mean, norm_std = _summary(torch.cat(acc["norm"], dim=1))
+    cos_prev_mean, _ = _summary(torch.cat(acc["cos_prev"], dim=1))
+    cos_final_mean, _ = _summary(torch.cat(acc["cos_final"], dim=1))
+    pca = pca_trajectories(acc["pca_states"])
+    return {
+        "blocks": list(blocks),
+        "iterations": list(range(num_loops + 1)),
+        "delta_mean": delta_mean,
+        "delta_std": delta_std,
+        "cos_prev_mean": cos_prev_mean,
+        "cos_final_mean": cos_final_mean,
+        "norm_mean": norm_mean,
+        "norm_std": norm_std,
+        "logit_lens_loss": np.mean(acc["lens"], axis=0).tolist(),
+        "logit_lens_direct_loss": np.mean(acc["direct"], axis=0).tolist(),
+        "cka": cka_matrix(torch.cat(acc["cka"], dim=1)).tolist(),
+        "pca": {
+            "tokens": acc["pca_tokens"],
+            "explained_variance_ratio": pca["explained_variance_ratio"].tolist(),
+            "trajectories": pca["projections"].tolist(),
+        },
+    }
+
+
+def _default_thresholds(accs: list[dict], num_loops: int) -> set[float]:
+    """DEFAULT_THRESHOLDS plus the SWEEP_DELTA_QUANTILES of the delta_t observed where exit is
+    checked (t = 2 .. T-1, i.e. deltas[1 : T-1]), rounded to two significant digits."""
+    thresholds = set(DEFAULT_THRESHOLDS)
+    checked = torch.cat(
+        [torch.cat(acc["delta"], dim=1)[1 : num_loops - 1].flatten() for acc in accs]
+    )
+    checked = checked[torch.isfinite(checked)]
+    if checked.numel():
+        qs = torch.quantile(checked, torch.tensor(SWEEP_DELTA_QUANTILES, dtype=checked.dtype))
+        thresholds |= {float(f"{q:.2g}") for q in qs.tolist()}
+    return thresholds
+
+
+def _model_loss(model: GPT, batches, num_loops: int, scaling: list[dict], **kwargs):
+    """The loss at `num_loops` iterations without exit: the loop-scaling row if there is one."""
+    for row in scaling:
+        if row["num_loops"] == num_loops:
+            return row["loss"]
+    res = evaluate(model, batches, num_loops=num_loops, loop_exit=False, **kwargs)
+    return finite_or_none(res.loss)
+
+
+def _settings(config: GPTConfig, num_loops, exit_threshold, loop_counts) -> tuple:
+    """(traced count, exit threshold, loop-scaling counts) with `analyze_model`'s defaults.
+    Raises AnalysisError for a count the model cannot run."""
+    T = config.max_loops if num_loops is None else num_loops
+    _check_loops(config, T)
+    if exit_threshold is None:
+        exit_threshold = (
+            config.automatic_loop_exit_threshold if config.automatic_loop_exit
+            else DEFAULT_EXIT_THRESHOLD
+        )
+    counts = scaling_loop_counts(config, (T,)) if loop_counts is None else sorted(set(loop_counts))
+    for n in counts:
+        _check_loops(config, n, "loop_counts")
+    return T, exit_threshold, counts
+
+
 @torch.no_grad()
 def analyze_model(
     model: GPT,
@@ -388,6 +477,7 @@ def analyze_model(
     *,
     num_loops: int | None = None,
     device="cpu",
+    ctx=None,
     exit_threshold: float | None = None,
     thresholds=None,
     loop_counts=None,
@@ -395,126 +485,35 @@ def analyze_model(
     pca_tokens: int = DEFAULT_PCA_TOKENS,
     token_labels=None,
 ) -> dict:
-    """Every metric of this module for `model` on `batches` (a list of (x, y)); JSON-ready.
+    """Every metric of this module for `model` on `batches` (a list of (x, y), int64 (B, L),
+    y = -1 unscored); JSON-ready, losses in nats per token, NaN (undefined) as None.
 
     `model` must record traces (`tracing_copy`). `num_loops` (default: the trained count) is the
-    iteration count of the traced pass and the cap under automatic exit. `exit_threshold`
-    (default: the configured one if the model exits automatically, else
-    DEFAULT_EXIT_THRESHOLD) sets the exit histogram. `thresholds` is the sweep (always with
-    `exit_threshold`); None means DEFAULT_THRESHOLDS plus the SWEEP_DELTA_QUANTILES of the
-    observed delta_t, t = 2..T-1, rounded to two significant digits. `token_labels(id) -> str`
-    names tokens in the PCA legend. NaN (undefined values) become None in the result.
+    iteration count of the traced pass and the cap under automatic exit. `ctx` is the autocast
+    context of every pass (`runtime.autocast_context`; None: float32). `exit_threshold`
+    (default: the configured one if the model exits automatically, else DEFAULT_EXIT_THRESHOLD)
+    sets the exit histogram. `thresholds` is the sweep (always with `exit_threshold`); None means
+    `_default_thresholds`. `loop_counts` (default `looping.scaling_loop_counts` with `num_loops`)
+    are the loop-scaling counts. `token_labels(id) -> str` names tokens in the PCA legend.
+    `model_loss`, `loop_scaling`, `exit` and `exit_sweep` come from `blockloop.evaluation`.
+    Raises AnalysisError without a trace, without batches or for a count the model cannot run.
     """
     _require_trace(model)
     if not batches:
         raise AnalysisError("no validation batches to analyse")
     cfg = model.config
-    T = cfg.max_loops if num_loops is None else int(num_loops)
-    if exit_threshold is None:
-        exit_threshold = (
-            cfg.automatic_loop_exit_threshold if cfg.automatic_loop_exit else DEFAULT_EXIT_THRESHOLD
-        )
-    loop_counts = loop_counts_for(cfg, T) if loop_counts is None else sorted(set(loop_counts))
-    torch.manual_seed(ANALYSIS_SEED)
-    gen = torch.Generator().manual_seed(ANALYSIS_SEED)
-    n_units = len(model.loop_plan.units)
-    per_unit = [
-        {"norm": [], "cos_prev": [], "cos_final": [], "delta": [], "cka": [], "lens": [],
-         "direct": []}
-        for _ in range(n_units)
-    ]
-    model_losses, pca_states, pca_info = [], [[] for _ in range(n_units)], []
-    rows_per_batch = math.ceil(cka_tokens / len(batches))
-    with _eval_mode(model):
-        for b, (x, y) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
-            _, loss = model(x, y, num_loops=T, loop_exit=False)
-            model_losses.append(loss.item())
-            trace = model.last_loop_trace
-            lens = _lens_from_trace(model, trace, y, T)
-            B, L = x.shape
-            rows = _pick_rows(B * L, rows_per_batch, gen)
-            if b == 0:
-                # PCA tokens: evenly spaced positions, spread over the sequences of batch 0.
-                k = min(pca_tokens, B * L)
-                pos = torch.linspace(0, L - 1, k).round().long()
-                seq = torch.arange(k) % B
-                ids = x[seq, pos].tolist()
-                pca_info = [
-                    {"sequence": int(s), "position": int(p), "token": int(i),
-                     "label": f"pos {int(p)} {token_labels(int(i)) if token_labels else int(i)}"}
-                    for s, p, i in zip(seq.tolist(), pos.tolist(), ids)
-                ]
-            for u, ut in enumerate(trace.units):
-                acc = per_unit[u]
-                dyn = token_dynamics(ut.states)
-                for key in ("norm", "cos_prev", "cos_final"):
-                    acc[key].append(dyn[key])
-                acc["delta"].append(ut.deltas.cpu().to(torch.float64))
-                # Only the sampled rows leave the device: the full trace is (T+1) activations.
-                acc["cka"].append(ut.states.reshape(T + 1, B * L, -1)[:, rows.to(device)].cpu())
-                acc["lens"].append(lens[u]["continue"])
-                acc["direct"].append(lens[u]["direct"])
-                if b == 0:
-                    pca_states[u] = ut.states[:, seq.to(device), pos.to(device)].cpu()
-
-    units = []
-    for u in range(n_units):
-        acc = per_unit[u]
-        delta_mean, delta_std = _summary(torch.cat(acc["delta"], dim=1))
-        norm_mean, norm_std = _summary(torch.cat(acc["norm"], dim=1))
-        cos_prev_mean, _ = _summary(torch.cat(acc["cos_prev"], dim=1))
-        cos_final_mean, _ = _summary(torch.cat(acc["cos_final"], dim=1))
-        pca = pca_trajectories(pca_states[u])
-        units.append({
-            "blocks": list(model.loop_plan.units[u]),
-            "iterations": list(range(T + 1)),
-            "delta_mean": delta_mean,
-            "delta_std": delta_std,
-            "cos_prev_mean": cos_prev_mean,
-            "cos_final_mean": cos_final_mean,
-            "norm_mean": norm_mean,
-            "norm_std": norm_std,
-            "logit_lens_loss": np.mean(acc["lens"], axis=0).tolist(),
-            "logit_lens_direct_loss": np.mean(acc["direct"], axis=0).tolist(),
-            "cka": cka_matrix(torch.cat(acc["cka"], dim=1)).tolist(),
-            "pca": {
-                "tokens": pca_info,
-                "explained_variance_ratio": pca["explained_variance_ratio"].tolist(),
-                "trajectories": pca["projections"].tolist(),
-            },
-        })
-
-    exit_run = run_batches(
-        model, batches, device, num_loops=T, loop_exit=True, exit_threshold=exit_threshold
+    T, exit_threshold, counts = _settings(cfg, num_loops, exit_threshold, loop_counts)
+    accs = _trace_batches(model, batches, T, device, ctx, cka_tokens, pca_tokens, token_labels)
+    units = [_unit_result(blocks, acc, T) for blocks, acc in zip(model.loop_plan.units, accs)]
+    ev = {"device": device, "ctx": ctx}
+    exit_run = evaluate(
+        model, batches, num_loops=T, loop_exit=True, exit_threshold=exit_threshold, **ev
     )
-    for u, its in enumerate(exit_run["iterations"]):
-        units[u]["exit_histogram"] = _histogram(its, T)
-    sweep = []
-    if thresholds is None:
-        thresholds = set(DEFAULT_THRESHOLDS)
-        # Exit is checked after iterations 2 .. T-1 (deltas[1 : T-1]).
-        checked = torch.cat(
-            [torch.cat(per_unit[u]["delta"], dim=1)[1 : T - 1].flatten() for u in range(n_units)]
-        )
-        checked = checked[torch.isfinite(checked)]
-        if checked.numel():
-            qs = torch.quantile(checked, torch.tensor(SWEEP_DELTA_QUANTILES, dtype=checked.dtype))
-            thresholds |= {float(f"{q:.2g}") for q in qs.tolist()}
-    for thr in sorted(set(thresholds) | {exit_threshold}):
-        res = run_batches(model, batches, device, num_loops=T, loop_exit=True, exit_threshold=thr)
-        sweep.append({
-            "threshold": thr,
-            "loss": res["loss"],
-            "accuracy": res["accuracy"],
-            "mean_iterations": _mean_iterations(res["iterations"]),
-        })
-    scaling = []
-    for n in loop_counts:
-        res = run_batches(model, batches, device, num_loops=n, loop_exit=False)
-        scaling.append({"num_loops": n, "loss": res["loss"], "accuracy": res["accuracy"]})
-
-    result = {
+    for unit, its in zip(units, exit_run.iterations):
+        unit["exit_histogram"] = _histogram(its, T)
+    sweep = set(_default_thresholds(accs, T) if thresholds is None else thresholds)
+    scaling = loop_scaling(model, batches, counts, **ev)
+    return jsonable({
         "num_loops": T,
         "trained_loops": cfg.max_loops,
         "model_config": cfg.to_dict(),
@@ -522,31 +521,12 @@ def analyze_model(
         "looped_blocks": [model.loop_plan.start, model.loop_plan.stop - 1],
         "batches": len(batches),
         "tokens_per_batch": list(batches[0][0].shape),
-        "model_loss": sum(model_losses) / len(model_losses),
+        "model_loss": _model_loss(model, batches, T, scaling, **ev),
         "units": units,
-        "exit": {
-            "threshold": exit_threshold,
-            "loss": exit_run["loss"],
-            "accuracy": exit_run["accuracy"],
-            "mean_iterations": _mean_iterations(exit_run["iterations"]),
-        },
-        "threshold_sweep": sweep,
+        "exit": {"threshold": exit_threshold, **exit_run.to_dict()},
+        "exit_sweep": exit_sweep(model, batches, sweep | {exit_threshold}, T, **ev),
         "loop_scaling": scaling,
-    }
-    return _jsonable(result)
-
-
-def _jsonable(value):
-    """Plain JSON types throughout, with NaN/inf (undefined, e.g. cos to a previous s_0) as None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+    })
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,9 +544,6 @@ def _unit_label(unit: dict) -> str:
 
 
 def _new_figure(width=6.4, height=4.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
     return fig
@@ -574,6 +551,20 @@ def _new_figure(width=6.4, height=4.2):
 
 def _save(fig, path: Path) -> None:
     fig.savefig(path, bbox_inches="tight")
+
+
+def _new_axes():
+    """A default-sized figure with one set of axes: (fig, ax)."""
+    fig = _new_figure()
+    return fig, fig.subplots()
+
+
+def _finish(fig, ax, path: Path, grid_axis: str = "both", **labels) -> None:
+    """Label `ax` (xlabel, ylabel, title), add the grid and legend, and save `fig` to `path`."""
+    ax.set(**labels)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    ax.legend(fontsize=8)
+    _save(fig, path)
 
 
 def _plot_dynamics(res, path):
@@ -603,23 +594,18 @@ def _plot_dynamics(res, path):
 
 
 def _plot_norm(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     t = np.arange(res["num_loops"] + 1)
     for k, unit in enumerate(res["units"]):
         mean, std = _nan(unit["norm_mean"]), _nan(unit["norm_std"])
         ax.plot(t, mean, "o-", color=f"C{k}", label=_unit_label(unit))
         ax.fill_between(t, mean - std, mean + std, color=f"C{k}", alpha=0.2)
-    ax.set(xlabel="iteration t (0 = loop input)", ylabel="L2 norm of token state",
-           title="State norm per iteration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="iteration t (0 = loop input)",
+            ylabel="L2 norm of token state", title="State norm per iteration")
 
 
 def _plot_logit_lens(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     t = np.arange(res["num_loops"] + 1)
     for k, unit in enumerate(res["units"]):
         ax.plot(t, _nan(unit["logit_lens_loss"]), "o-", color=f"C{k}",
@@ -627,16 +613,12 @@ def _plot_logit_lens(res, path):
         ax.plot(t, _nan(unit["logit_lens_direct_loss"]), "x--", color=f"C{k}",
                 label=f"{_unit_label(unit)}: direct (ln_f + head)")
     ax.axhline(res["model_loss"], color="gray", ls=":", label="model loss")
-    ax.set(xlabel="iteration t (0 = loop skipped)", ylabel="validation loss",
-           title="Logit lens: loss if the loop stopped at t")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="iteration t (0 = loop skipped)", ylabel="validation loss",
+            title="Logit lens: loss if the loop stopped at t")
 
 
 def _plot_exit_histogram(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     units = res["units"]
     t = np.arange(1, res["num_loops"] + 1)
     width = 0.8 / len(units)
@@ -644,19 +626,16 @@ def _plot_exit_histogram(res, path):
         ax.bar(t + (k - (len(units) - 1) / 2) * width, unit["exit_histogram"], width=width,
                color=f"C{k}", label=_unit_label(unit))
     ax.set_xticks(t)
-    ax.set(xlabel=f"iterations run (at {res['num_loops']}, the cap, also those that never exited)",
-           ylabel="sequences",
-           title=f"Automatic exit at threshold {res['exit']['threshold']:g} "
-                 f"(mean {res['exit']['mean_iterations']:.2f} iterations)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, grid_axis="y",
+            xlabel=f"iterations run (at {res['num_loops']}, the cap, also those that never exited)",
+            ylabel="sequences",
+            title=f"Automatic exit at threshold {res['exit']['threshold']:g} "
+                  f"(mean {res['exit']['mean_iterations']:.2f} iterations)")
 
 
 def _plot_exit_sweep(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
-    sweep = res["threshold_sweep"]
+    fig, ax = _new_axes()
+    sweep = res["exit_sweep"]
     xs = [p["mean_iterations"] for p in sweep]
     ys = _nan([p["loss"] for p in sweep])
     ax.plot(xs, ys, "o-", color="C0", label="automatic exit (threshold labelled)")
@@ -672,11 +651,8 @@ def _plot_exit_sweep(res, path):
     fixed = [p for p in res["loop_scaling"] if p["num_loops"] <= res["num_loops"]]
     ax.plot([p["num_loops"] for p in fixed], _nan([p["loss"] for p in fixed]), "s--",
             color="C1", label="fixed iteration count")
-    ax.set(xlabel="mean iterations used", ylabel="validation loss",
-           title="Loss against compute: exit thresholds vs fixed counts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="mean iterations used", ylabel="validation loss",
+            title="Loss against compute: exit thresholds vs fixed counts")
 
 
 def _plot_pca(res, path):
@@ -734,8 +710,7 @@ def _plot_cka(res, path):
 
 
 def _plot_loop_scaling(res, path):
-    fig = _new_figure()
-    ax = fig.subplots()
+    fig, ax = _new_axes()
     pts = res["loop_scaling"]
     ax.plot([p["num_loops"] for p in pts], _nan([p["loss"] for p in pts]), "o-", color="C0",
             label="validation loss")
@@ -744,11 +719,8 @@ def _plot_loop_scaling(res, path):
     ax.set_xscale("log", base=2)
     ax.set_xticks([p["num_loops"] for p in pts])
     ax.set_xticklabels([str(p["num_loops"]) for p in pts])
-    ax.set(xlabel="iterations at test time", ylabel="validation loss",
-           title="Test-time loop scaling")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, xlabel="iterations at test time", ylabel="validation loss",
+            title="Test-time loop scaling")
 
 
 _PLOTTERS = {
@@ -795,7 +767,7 @@ def _markdown(res: dict, header: dict) -> str:
               "|---:|---:|---:|"]
     lines += [
         f"| {p['threshold']:g} | {p['mean_iterations']:.2f} | {_fmt(p['loss'])} |"
-        for p in res["threshold_sweep"]
+        for p in res["exit_sweep"]
     ]
     lines += ["", "## Figures", ""]
     for name, (filename, sentence) in FIGURES.items():
@@ -816,9 +788,9 @@ def write_report(result: dict, report_dir, header: dict | None = None) -> dict:
         _PLOTTERS[name](result, report_dir / filename)
         figures[name] = str(report_dir / filename)
     header = header or {}
-    payload = {**_jsonable(header), **result, "figures": {k: Path(v).name for k, v in figures.items()}}
+    payload = {**jsonable(header), **result, "figures": {k: Path(v).name for k, v in figures.items()}}
     json_path = report_dir / "analysis.json"
-    json_path.write_text(json.dumps(payload, indent=1, allow_nan=False))
+    atomic_write_json(json_path, payload)
     md_path = report_dir / "analysis.md"
     md_path.write_text(_markdown(result, header))
     return {"json": str(json_path), "markdown": str(md_path), "figures": figures}
@@ -828,46 +800,21 @@ def write_report(result: dict, report_dir, header: dict | None = None) -> dict:
 # checkpoints
 
 
-def _checkpoint_path(out_dir: Path, which: str) -> Path:
-    if not out_dir.is_dir():
-        raise AnalysisError(f"out_dir {str(out_dir)!r} does not exist or is not a directory")
-    names = {"auto": ("best.pt", "last.pt"), "best": ("best.pt",), "last": ("last.pt",)}[which]
-    for name in names:
-        if (out_dir / name).is_file():
-            return out_dir / name
-    raise AnalysisError(
-        f"no {' or '.join(names)} in {out_dir}; train a looped model there first "
-        f"(blockloop train --out_dir={out_dir} ...)"
-    )
-
-
-def load_for_analysis(path, device="cpu") -> tuple[GPT, dict]:
-    """A checkpoint's model rebuilt with the loop trace on, in eval mode, and its payload."""
-    from blockloop.checkpoint import load_checkpoint
-
-    payload = load_checkpoint(path, map_location=device)
-    for key in ("model", "model_config"):
-        if key not in payload:
-            raise AnalysisError(f"{path} has no {key!r} entry; it is not a blockloop checkpoint")
-    try:
-        config = GPTConfig(**{**payload["model_config"], "loops_representation": True})
-    except (TypeError, ValueError) as e:
-        raise AnalysisError(f"{path}: model_config is not valid for this version ({e})") from None
-    if config.loop_center_idx < 0:
+def _load_looped(path: Path, device: str) -> tuple[GPT, dict]:
+    """The checkpoint's model with the loop trace on, in eval mode on `device`, and its payload.
+    Raises CheckpointError if it cannot be read, AnalysisError if the model does not loop."""
+    model, payload = load_model(path, device, loops_representation=True)
+    if not is_looped(model.config):
         raise AnalysisError(
             f"{path} holds a model without looping (loop_center_idx=-1); there is no loop to "
             f"analyse"
         )
-    model = GPT(config)
-    model.load_state_dict(payload["model"])
-    return model.to(device).eval(), payload
+    return model, payload
 
 
-def _validation_data(payload: dict, batches: int, data_dir: str | None):
-    """The first `batches` fixed validation batches of the run's data, and a token namer."""
-    from blockloop.config import TrainConfig
-    from blockloop.train import TrainingData
-
+def _train_config(payload: dict, batches: int, data_dir: str | None) -> TrainConfig:
+    """The run's TrainConfig (keys this version knows), with `data_dir` if given and at most
+    `batches` evaluation batches. Raises ConfigError if it is not valid here."""
     known = {f.name for f in fields(TrainConfig)}
     tc = {k: v for k, v in payload.get("train_config", {}).items() if k in known}
     cfg = TrainConfig(**tc)
@@ -877,11 +824,28 @@ def _validation_data(payload: dict, batches: int, data_dir: str | None):
     # first batches without generating the rest.
     cfg = replace(cfg, eval_iters=min(cfg.eval_iters, batches))
     cfg.validate()
+    return cfg
+
+
+def _validation_data(cfg: TrainConfig, batches: int):
+    """The first `batches` fixed validation batches of the run's data, and a token namer."""
     data = TrainingData(cfg)
     val = data.eval_batches("val")[:batches]
     itos = data.meta.get("tokenizer", {}).get("itos")
     namer = (lambda i: repr(itos[i]) if i < len(itos) else str(i)) if itos else None
     return val, namer
+
+
+def _run_dtype(cfg: TrainConfig, device: str) -> str:
+    """The run's compute dtype on `device` (`runtime.resolve_dtype`), so analysis matches
+    training. Raises AnalysisError where this device cannot run it (float16 on the CPU)."""
+    try:
+        return resolve_dtype(cfg.dtype, device)
+    except ConfigError as e:
+        raise AnalysisError(
+            f"the run trained with dtype={cfg.dtype!r} and {one_line(e)}; analyse it on the "
+            f"device it trained on (--device=cuda)"
+        ) from None
 
 
 def analyze_checkpoint(
@@ -898,42 +862,35 @@ def analyze_checkpoint(
     """Analyse the checkpoint in `out_dir` (best.pt, else last.pt) on `batches` validation
     batches and write the report to `report_dir` (default `<out_dir>/analysis`).
 
-    Returns the `analyze_model` result plus the header and the report's file paths (`report`).
-    Raises AnalysisError (or the checkpoint/data/config module's own error) with a one-line
-    reason when it cannot run.
+    Every pass runs under the run's own autocast dtype (its train_config `dtype` resolved for
+    `device`). Returns the `analyze_model` result plus the header and the report's file paths
+    (`report`). Raises a BlockloopError (AnalysisError, ConfigError for the device,
+    CheckpointError, DataError) with a one-line reason when it cannot run.
     """
     if batches < 1:
         raise AnalysisError(f"batches={batches}: must be >= 1")
-    if num_loops is not None and num_loops < 1:
-        raise AnalysisError(f"num_loops={num_loops}: must be >= 1")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise AnalysisError(f"device={device!r} but CUDA is not available; use --device=cpu")
-    out_dir = Path(out_dir)
-    path = _checkpoint_path(out_dir, checkpoint)
-    model, payload = load_for_analysis(path, device)
-    if (
-        num_loops is not None
-        and num_loops > 1
-        and model.config.injection_mode == "concat"
-        and model.config.max_loops == 1
-    ):
-        raise AnalysisError(
-            "this model was built with max_loops=1 and concat injection; it can only run 1 "
-            "iteration"
-        )
-    val, namer = _validation_data(payload, batches, data_dir)
+    device = resolve_device(device)
+    path = find_run_checkpoint(out_dir, checkpoint)
+    model, payload = _load_looped(path, device)
+    if num_loops is not None:
+        _check_loops(model.config, num_loops)
+    cfg = _train_config(payload, batches, data_dir)
+    dtype = _run_dtype(cfg, device)
+    val, namer = _validation_data(cfg, batches)
     result = analyze_model(
-        model, val, num_loops=num_loops, device=device, thresholds=thresholds,
-        token_labels=namer,
+        model, val, num_loops=num_loops, device=device, ctx=autocast_context(device, dtype),
+        thresholds=thresholds, token_labels=namer,
     )
     header = {
         "checkpoint": str(path),
         "iter_num": payload.get("iter_num"),
         "best_val_loss": payload.get("best_val_loss"),
         "dataset": payload.get("train_config", {}).get("dataset"),
+        "dtype": dtype,
     }
+    out_dir = Path(out_dir)
     report = write_report(result, Path(report_dir) if report_dir else out_dir / "analysis", header)
-    return {**_jsonable(header), **result, "report": report}
+    return {**jsonable(header), **result, "report": report}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,6 +908,7 @@ def _thresholds(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `blockloop analyze` argument parser (options, defaults and help)."""
     parser = argparse.ArgumentParser(
         prog="blockloop analyze",
         description=(
@@ -982,24 +940,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`blockloop analyze`: 0 on success; a BlockloopError prints one `error: ...` line and
+    returns its exit code (2 for bad input); argparse's usage errors return 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
         return int(e.code or 0)
-    from blockloop.checkpoint import CheckpointError
-    from blockloop.config import ConfigError
-    from blockloop.data import DataError
-
     try:
         result = analyze_checkpoint(
             args.out_dir, args.report_dir, args.num_loops, args.batches, args.device,
             checkpoint=args.checkpoint, data_dir=args.data_dir, thresholds=args.thresholds,
         )
-    except (AnalysisError, CheckpointError, ConfigError, DataError) as e:
-        message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except BlockloopError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     print(
         f"analysed {result['checkpoint']} at {result['num_loops']} iterations: model loss "
         f"{result['model_loss']:.4f}; report in {result['report']['markdown']}"

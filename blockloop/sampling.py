@@ -53,10 +53,13 @@ from pathlib import Path
 
 import torch
 
-from blockloop.checkpoint import CheckpointError, find_run_checkpoint, load_model
-from blockloop.errors import ConfigError, SampleError
+from blockloop.checkpoint import find_run_checkpoint, load_model
+from blockloop.errors import BlockloopError, SampleError, one_line
+from blockloop.evaluation import mean_iterations
+from blockloop.looping import check_num_loops
+from blockloop.model import GPT, sample_next_token
 from blockloop.runtime import resolve_device
-from blockloop.model import GPT, GPTConfig, sample_next_token
+from blockloop.tokenizers import TokenizerUnavailableError, tokenizer_from_meta
 
 # nanoGPT's sample.py separates samples with this line.
 SAMPLE_SEPARATOR = "---------------"
@@ -178,6 +181,8 @@ class LoopKVCache:
         self.past_length = 0
 
     def get(self, block_idx: int, iteration: int) -> LayerKVCache:
+        """The buffer of block `block_idx` at `iteration` (1-based); ValueError if the cache
+        was built for fewer iterations."""
         try:
             return self.layers[(block_idx, iteration)]
         except KeyError:
@@ -187,6 +192,7 @@ class LoopKVCache:
             ) from None
 
     def rows(self, rows: torch.Tensor) -> _RowView:
+        """This cache restricted to batch rows `rows` (int64 (k,)), for the loop runner."""
         return _RowView(self, rows)
 
     def advance(self, t: int) -> None:
@@ -272,8 +278,8 @@ class _Counter:
             self.iterations += 1.0
             self.block_applications += self.n_layer
             return
+        self.iterations += mean_iterations(unit_iterations)
         per_unit = torch.stack([it.float() for it in unit_iterations])  # (units, rows)
-        self.iterations += per_unit.mean().item()
         extra = sum(len(unit) * (per_unit[u] - 1) for u, unit in enumerate(self.units))
         self.block_applications += self.n_layer + extra.mean().item()
 
@@ -391,6 +397,7 @@ def teacher_forced_logits(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `blockloop sample` argument parser (options, defaults and help)."""
     p = argparse.ArgumentParser(
         prog="blockloop sample",
         description="Generate text from a checkpoint written by `blockloop train`.",
@@ -475,8 +482,6 @@ class _IdCodec:
 
 
 def _tokenizer(meta: dict, vocab_size: int):
-    from blockloop.tokenizers import TokenizerUnavailableError, tokenizer_from_meta
-
     if meta.get("task"):
         return _IdCodec(vocab_size)
     if "tokenizer" in meta:
@@ -507,31 +512,27 @@ def _check_args(args) -> None:
         raise SampleError(f"--max_new_tokens={args.max_new_tokens}: must be >= 0")
     if args.top_k is not None and args.top_k < 0:
         raise SampleError(f"--top_k={args.top_k}: must be >= 0 (0 = no top-k)")
-    if args.num_loops is not None and args.num_loops < 1:
-        raise SampleError(f"--num_loops={args.num_loops}: must be >= 1")
     if args.exit_threshold is not None and not args.exit_threshold >= 0:
         raise SampleError(f"--exit_threshold={args.exit_threshold}: must be >= 0")
     if args.adaptive_exit and args.no_cache:
         raise SampleError("--adaptive_exit is per token and needs the KV cache; drop --no_cache")
 
 
-def _sample(args) -> None:
-    _check_args(args)
-    try:
-        device = resolve_device(args.device)
-    except ConfigError as e:
-        raise SampleError(str(e)) from None
-    try:
-        model, payload = load_model(find_run_checkpoint(args.out_dir), device)
-    except CheckpointError as e:
-        raise SampleError(str(e)) from None
-    meta = payload.get("meta") or {}
+def _check_model_args(args, model: GPT) -> None:
+    """The options whose limits depend on the model; SampleError naming the option."""
+    if args.num_loops is not None:
+        try:
+            check_num_loops(model.config, args.num_loops, "--num_loops")
+        except ValueError as e:
+            raise SampleError(str(e)) from None
     if args.refill_keep is not None and not 1 <= args.refill_keep <= model.config.block_size:
         raise SampleError(
             f"--refill_keep={args.refill_keep}: must be in [1, block_size={model.config.block_size}]"
         )
-    tokenizer = _tokenizer(meta, model.config.vocab_size)
-    start = args.start
+
+
+def _prompt_ids(start: str, tokenizer) -> list[int]:
+    """`--start` (text, or FILE:path) encoded; SampleError if unreadable or empty."""
     if start.startswith("FILE:"):
         try:
             start = Path(start[5:]).read_text(encoding="utf-8")
@@ -543,6 +544,19 @@ def _sample(args) -> None:
         raise SampleError(f"--start: {e}") from None
     if not ids:
         raise SampleError("--start encodes to no tokens; give at least one character")
+    return ids
+
+
+def _sample(args) -> None:
+    """Load the run's model and print `--num_samples` samples (stats to stderr).
+    Raises a BlockloopError (SampleError, ConfigError, CheckpointError) for what the user
+    can fix."""
+    _check_args(args)
+    device = resolve_device(args.device)
+    model, payload = load_model(find_run_checkpoint(args.out_dir), device)
+    _check_model_args(args, model)
+    tokenizer = _tokenizer(payload.get("meta") or {}, model.config.vocab_size)
+    ids = _prompt_ids(args.start, tokenizer)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for n in range(args.num_samples):
@@ -570,6 +584,8 @@ def _sample(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`blockloop sample`: 0 on success; a BlockloopError prints one `error: ...` line and
+    returns its exit code (2 for bad input); argparse's usage errors return 2."""
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -578,9 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.no_grad():
             _sample(args)
-    except SampleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except BlockloopError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -23,10 +23,11 @@ from blockloop.analysis import (
     linear_cka,
     logit_lens_losses,
     pca_trajectories,
-    run_batches,
     token_dynamics,
     tracing_copy,
 )
+from blockloop.evaluation import evaluate, exit_sweep, loop_scaling
+from blockloop.looping import scaling_loop_counts
 from blockloop.model import GPT, GPTConfig
 
 VOCAB = 29
@@ -277,29 +278,23 @@ def test_lens_needs_a_tracing_model_and_tracing_copy_keeps_weights():
 # ---- exit, scaling and the combined result ----------------------------------------------------
 
 def test_analyze_model_exit_sweep_and_scaling_against_direct_runs():
-    from contextlib import nullcontext
-
-    from blockloop.train import evaluate
-
     model = tiny_model(False, 1, max_loops=4)
     batches = [batch(4, 16, seed=s) for s in (1, 2)]
     res = analyze_model(model, batches, thresholds=(0.0, 1e9), loop_counts=(1, 4, 8))
     assert not model.training
     # Loop scaling equals the training loop's own evaluation at each count.
     for point in res["loop_scaling"]:
-        ref = evaluate(
-            model, batches, nullcontext(), "cpu", num_loops=point["num_loops"], loop_exit=False
-        )
-        assert point["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+        ref = evaluate(model, batches, device="cpu", num_loops=point["num_loops"], loop_exit=False)
+        assert point["loss"] == pytest.approx(ref.loss, abs=1e-6)
     assert res["model_loss"] == pytest.approx(res["loop_scaling"][1]["loss"], abs=1e-6)
-    sweep = {p["threshold"]: p for p in res["threshold_sweep"]}
+    sweep = {p["threshold"]: p for p in res["exit_sweep"]}
     # Threshold 0 never exits; an enormous one exits at the first chance, t = 2.
     assert sweep[0.0]["mean_iterations"] == 4
     assert sweep[0.0]["loss"] == pytest.approx(res["model_loss"], abs=1e-6)
     assert sweep[1e9]["mean_iterations"] == 2
-    per_sequence = run_batches(model, batches, num_loops=4, loop_exit=True, exit_threshold=1e9)
-    assert len(per_sequence["iterations"]) == 3  # three untied units
-    assert all(torch.equal(its, torch.full((8,), 2)) for its in per_sequence["iterations"])
+    per_sequence = evaluate(model, batches, num_loops=4, loop_exit=True, exit_threshold=1e9)
+    assert len(per_sequence.iterations) == 3  # three untied units
+    assert all(torch.equal(its, torch.full((8,), 2)) for its in per_sequence.iterations)
     _, loss2 = model(*batches[0], num_loops=2)
     _, loss2b = model(*batches[1], num_loops=2)
     assert sweep[1e9]["loss"] == pytest.approx((loss2.item() + loss2b.item()) / 2, abs=1e-5)
@@ -327,9 +322,14 @@ def test_analyze_model_exit_sweep_and_scaling_against_direct_runs():
 
 
 def test_loop_counts_include_beyond_trained():
-    assert analysis.loop_counts_for(tiny_config(max_loops=3)) == [1, 2, 3, 4, 6, 8, 16]
-    assert analysis.loop_counts_for(tiny_config(max_loops=16), 20) == [1, 2, 4, 8, 16, 20, 32]
-    assert analysis.loop_counts_for(
+    # analyze_model's default counts are looping.scaling_loop_counts with the analysed count.
+    model = tiny_model(True, 0, max_loops=2)
+    res = analyze_model(model, [batch(2, 16)], num_loops=5, thresholds=(0.01,), cka_tokens=16)
+    counts = [p["num_loops"] for p in res["loop_scaling"]]
+    assert counts == scaling_loop_counts(model.config, (5,)) == [1, 2, 3, 4, 5, 8, 16]
+    assert scaling_loop_counts(tiny_config(max_loops=3)) == [1, 2, 3, 4, 5, 6, 8, 16]
+    assert {16, 20, 32} <= set(scaling_loop_counts(tiny_config(max_loops=16), (20,)))
+    assert scaling_loop_counts(
         tiny_config(max_loops=1, concatenate_initial_representation=True)
     ) == [1]
 
@@ -388,7 +388,7 @@ def test_main_writes_json_markdown_and_readable_pngs(tmp_path, capsys):
     batches = TrainingData(train_cfg).eval_batches("val")[:2]
     losses = [model.eval()(x, y, num_loops=4)[1].item() for x, y in batches]
     assert res["model_loss"] == pytest.approx(np.mean(losses), abs=1e-5)
-    assert [p["num_loops"] for p in res["loop_scaling"]] == [1, 2, 3, 4, 6, 8, 16]
+    assert [p["num_loops"] for p in res["loop_scaling"]] == [1, 2, 3, 4, 5, 6, 8, 16]
     # Default sweep: the fixed grid plus quantiles of delta_t where exit is checked (t = 2, 3).
     traced = tracing_copy(model)
     checked = []
@@ -397,7 +397,7 @@ def test_main_writes_json_markdown_and_readable_pngs(tmp_path, capsys):
         checked.append(traced.last_loop_trace.units[0].deltas[1:3].flatten().double().numpy())
     qs = np.quantile(np.concatenate(checked), analysis.SWEEP_DELTA_QUANTILES)
     expected = set(analysis.DEFAULT_THRESHOLDS) | {float(f"{q:.2g}") for q in qs} | {0.01}
-    assert [p["threshold"] for p in res["threshold_sweep"]] == sorted(expected)
+    assert [p["threshold"] for p in res["exit_sweep"]] == sorted(expected)
     assert res["units"][0]["pca"]["tokens"][0]["label"].startswith("pos 0 '")
     md = (report / "analysis.md").read_text()
     for name, (filename, sentence) in analysis.FIGURES.items():
@@ -419,7 +419,40 @@ def test_main_default_report_dir_and_help(tmp_path, capsys):
     assert analysis.main([f"--out_dir={out_dir}", "--batches=1", "--thresholds=0.01"]) == 0
     res = json.loads((out_dir / "analysis" / "analysis.json").read_text())
     assert res["checkpoint"].endswith("last.pt")
-    assert [p["threshold"] for p in res["threshold_sweep"]] == [0.01]
+    assert [p["threshold"] for p in res["exit_sweep"]] == [0.01]
+
+
+def test_checkpoint_analysis_equals_the_evaluation_module(tmp_path):
+    from blockloop.checkpoint import load_model
+    from blockloop.train import TrainingData
+
+    out_dir, _, train_cfg = write_run(tmp_path)
+    res = analysis.analyze_checkpoint(
+        out_dir, tmp_path / "report", batches=3, thresholds=[1e-3, 0.05, 1e9]
+    )
+    model, _ = load_model(out_dir / "best.pt", "cpu")
+    batches = TrainingData(train_cfg).eval_batches("val")[:3]
+    trained = model.config.max_loops
+    assert res["num_loops"] == trained and res["dtype"] == "float32"
+    ref = evaluate(model, batches, num_loops=trained, loop_exit=False)
+    assert res["model_loss"] == pytest.approx(ref.loss, abs=1e-6)
+    counts = [p["num_loops"] for p in res["loop_scaling"]]
+    assert counts == scaling_loop_counts(model.config, (trained,))
+    sweep = [p["threshold"] for p in res["exit_sweep"]]
+    assert sweep == [1e-3, analysis.DEFAULT_EXIT_THRESHOLD, 0.05, 1e9]
+    for got, want in [
+        (res["loop_scaling"], loop_scaling(model, batches, counts)),
+        (res["exit_sweep"], exit_sweep(model, batches, sweep, trained)),
+    ]:
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            for key in w:
+                assert g[key] == pytest.approx(w[key], abs=1e-6), key
+    exit_ref = evaluate(model, batches, num_loops=trained, loop_exit=True,
+                        exit_threshold=analysis.DEFAULT_EXIT_THRESHOLD)
+    assert res["exit"]["loss"] == pytest.approx(exit_ref.loss, abs=1e-6)
+    assert res["exit"]["mean_iterations"] == pytest.approx(exit_ref.mean_iterations, abs=1e-6)
 
 
 def error_line(capsys):
@@ -440,3 +473,15 @@ def test_main_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "without looping" in error_line(capsys)
     assert analysis.main([f"--out_dir={plain_dir}", "--data_dir=/nonexistent", "--batches=0"]) == 2
     assert "batches=0" in error_line(capsys)
+    looped_dir, _, _ = write_run(tmp_path / "looped")
+    # The device is named, not the checkpoint, and before any work.
+    assert analysis.main([f"--out_dir={looped_dir}", "--device=gpu"]) == 2
+    assert "device='gpu'" in error_line(capsys)
+    assert analysis.main([f"--out_dir={looped_dir}", "--num_loops=0"]) == 2
+    assert "num_loops=0" in error_line(capsys)
+    concat_dir, _, _ = write_run(
+        tmp_path / "concat", max_loops=1, concatenate_initial_representation=True
+    )
+    assert analysis.main([f"--out_dir={concat_dir}", "--num_loops=2"]) == 2
+    assert "num_loops=2" in error_line(capsys)
+    assert not (concat_dir / "analysis").exists()

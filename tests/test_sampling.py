@@ -371,6 +371,10 @@ def test_sample_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert code == 2 and "'Z'" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, "--out_dir", out_dir, "--adaptive_exit", "--no_cache")
     assert code == 2 and "KV cache" in err
+    code, _, err = run_cli(capsys, "--out_dir", out_dir, "--device", "gpu")
+    assert code == 2 and "device='gpu'" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "--out_dir", out_dir, "--num_loops", 0, "--device", "cpu")
+    assert code == 2 and "--num_loops=0" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, "--out_dir", out_dir, "--start", "FILE:" + str(tmp_path / "none.txt"))
     assert code == 2 and "cannot read" in err
     no_meta = tmp_path / "second"
