@@ -249,3 +249,33 @@ def tokenizer_fingerprint(meta: dict) -> str:
         what["ranks_sha256"] = WHISPER_GPT2_SHA256
     blob = json.dumps(what, sort_keys=True, ensure_ascii=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def decoding_meta(data_meta: dict) -> dict:
+    """What a checkpoint stores so that it decodes on its own: the data's `tokenizer` entry,
+    its `vocab_size` (ids at or above it were never in the data: padding) and the tokenizer
+    fingerprint. `data_meta` is a meta.json dict."""
+    return {
+        "tokenizer": tokenizer_spec(data_meta),
+        "vocab_size": int(data_meta["vocab_size"]),
+        "tokenizer_sha256": tokenizer_fingerprint(data_meta),
+    }
+
+
+def check_same_tokenizer(trained: dict, current: dict, where) -> None:
+    """Raise ValueError naming `where` (a meta.json path) if `current` (that file's dict)
+    decodes ids differently from `trained` (a checkpoint's meta with a `tokenizer` entry).
+
+    Without this check a re-prepared data directory with another vocabulary of the same size
+    would be read (or decoded) silently shifted."""
+    if "tokenizer" not in trained:
+        return  # written before checkpoints carried their tokenizer: nothing to compare
+    want, have = tokenizer_fingerprint(trained), tokenizer_fingerprint(current)
+    if want != have:
+        raise ValueError(
+            f"{where} has changed since this model was trained: its tokenizer "
+            f"({tokenizer_spec(current).get('kind')}, {current.get('vocab_size')} ids, "
+            f"fingerprint {have}) is not the one the checkpoint was trained with "
+            f"({tokenizer_spec(trained).get('kind')}, fingerprint {want}); prepare the data "
+            f"directory as it was, or point --data_dir at the data the model was trained on"
+        )
