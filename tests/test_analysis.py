@@ -279,7 +279,7 @@ def test_lens_needs_a_tracing_model_and_tracing_copy_keeps_weights():
 def test_analyze_model_exit_sweep_and_scaling_against_direct_runs():
     from contextlib import nullcontext
 
-    from blockloop.train import evaluate
+    from blockloop.evaluation import evaluate
 
     model = tiny_model(False, 1, max_loops=4)
     batches = [batch(4, 16, seed=s) for s in (1, 2)]
@@ -288,9 +288,10 @@ def test_analyze_model_exit_sweep_and_scaling_against_direct_runs():
     # Loop scaling equals the training loop's own evaluation at each count.
     for point in res["loop_scaling"]:
         ref = evaluate(
-            model, batches, nullcontext(), "cpu", num_loops=point["num_loops"], loop_exit=False
+            model, batches, device="cpu", ctx=nullcontext(), num_loops=point["num_loops"],
+            loop_exit=False,
         )
-        assert point["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+        assert point["loss"] == pytest.approx(ref.loss, abs=1e-6)
     assert res["model_loss"] == pytest.approx(res["loop_scaling"][1]["loss"], abs=1e-6)
     sweep = {p["threshold"]: p for p in res["threshold_sweep"]}
     # Threshold 0 never exits; an enormous one exits at the first chance, t = 2.
