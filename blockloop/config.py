@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import json
 import operator
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +21,7 @@ from pathlib import Path
 from blockloop.errors import ConfigError
 from blockloop.looping import MAX_LOOPS_LIMIT
 from blockloop.model import GPTConfig, check_field_types
+from blockloop.records import atomic_write_json, code_identity
 from blockloop.runtime import DTYPES, check_device_name
 
 NAN_POLICIES = ("stop", "skip")
@@ -326,10 +326,10 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, dict]:
 
 
 def save_resolved_config(path: Path, train: TrainConfig, model_config: GPTConfig) -> None:
-    data = {"train": train.to_dict(), "model": model_config.to_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """Write a run's `config.json`: the resolved train and model keys, and the code identity
+    (`records.code_identity`) of the code that runs them, atomically."""
+    data = {"train": train.to_dict(), "model": model_config.to_dict(), "code": code_identity()}
+    atomic_write_json(path, data, indent=2)
 
 
 def help_text() -> str:

@@ -170,7 +170,8 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(data, tmp_path):
                                f"--gradient_accumulation_steps={ACCUM}"), log)
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     metrics = out / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    # The header, the evaluation at 0 and two steps.
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
         if proc.poll() is not None or time.monotonic() > deadline:
             finish(proc, timeout=1)
             pytest.fail("training did not start")

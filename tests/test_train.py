@@ -1,5 +1,6 @@
 """Training: schedule, logs, checkpoints, exact resume, nanoGPT checkpoint import."""
 
+import copy
 import json
 import math
 
@@ -11,7 +12,9 @@ from blockloop.checkpoint import load_checkpoint
 from blockloop.config import ConfigError, parse_train_args
 from blockloop.model import GPT, GPTConfig
 from blockloop.pretrained import from_nanogpt_checkpoint
-from blockloop.train import get_lr, train
+from blockloop.records import code_identity
+from blockloop.runtime import mix_seed
+from blockloop.train import get_lr, setup, train, train_step
 from tests import reference
 from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
 
@@ -131,3 +134,51 @@ def test_task_eval_loss_weights_batches_by_size():
     whole = evaluate(model, [(x, y)]).loss
     split = evaluate(model, [(x[:4], y[:4]), (x[4:], y[4:])]).loss
     assert split == pytest.approx(whole, rel=1e-6)
+
+
+STEP_ARGS = ("--loop_center_idx=1", "--max_loops=2", "--dropout=0.1")
+
+
+def test_one_training_step_on_its_own(tmp_path):
+    data = write_token_dataset(tmp_path / "data")
+    cfg, overrides = parse_train_args(tiny_args(data, tmp_path / "a", *STEP_ARGS))
+    t = setup(cfg, overrides, log=lambda *a: None)
+    before = copy.deepcopy(t.raw_model)
+    step = train_step(t, 0)
+    # Its loss is the mean micro-batch loss of the weights it started from, with the dropout
+    # draws seeded from (seed, step, micro-step) as the step seeds them.
+    losses = []
+    with torch.no_grad():
+        for micro in range(cfg.gradient_accumulation_steps):
+            torch.manual_seed(mix_seed(cfg.seed, 0, micro, 1))
+            losses.append(before(*t.data.train_batch(0, micro))[1])
+    assert step.finite and not step.stop_requested
+    assert step.loss == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+    assert step.lr == get_lr(0, cfg) and step.loops == 2 and step.flops > 0
+    assert not torch.equal(t.raw_model.lm_head.weight, before.lm_head.weight)
+    assert all(p.grad is None for p in t.raw_model.parameters())
+    # The same step from the same state (a second setup) gives the same parameters, bit for bit.
+    cfg_b, _ = parse_train_args(tiny_args(data, tmp_path / "b", *STEP_ARGS))
+    t_b = setup(cfg_b, overrides, log=lambda *a: None)
+    assert train_step(t_b, 0).loss == step.loss
+    for (name, p), q in zip(t.raw_model.named_parameters(), t_b.raw_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_config_and_metrics_record_the_code_identity(tmp_path):
+    data = write_token_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    run(tiny_args(data, out, "--max_iters=2"))
+    code = code_identity()
+    assert set(code) == {"source_sha256", "torch", "git_commit"}
+    assert json.loads((out / "config.json").read_text())["code"] == code
+    header = {"kind": "header", "iter": 0, "code": code}
+    assert read_metrics(out)[0] == header
+    # A resumed run keeps the header (its records before the resumed step stay); one header.
+    run(tiny_args(data, out, "--max_iters=4", "--init_from=resume"))
+    records = read_metrics(out)
+    assert records[0] == header and [r["kind"] for r in records].count("header") == 1
+    assert [r["iter"] for r in records if r["kind"] == "train"] == [0, 1, 2, 3]
+    # A fresh run in the same out_dir starts a new log, with a header of its own.
+    run(tiny_args(data, out, "--max_iters=1"))
+    assert [r["kind"] for r in read_metrics(out)] == ["header", "eval", "train", "eval"]
