@@ -39,6 +39,9 @@ class TrainConfig:
     eval_iters: int = 200
     eval_only: bool = False
     always_save_checkpoint: bool = True
+    # Starting from scratch in an out_dir that holds a run is refused unless this is set; the
+    # old run's files are then replaced only once the new run has saved its first checkpoint.
+    overwrite_out_dir: bool = False
     init_from: str = "scratch"  # 'scratch', 'resume', 'gpt2*' or a nanoGPT/HF checkpoint path
     # logging
     wandb_log: bool = False
@@ -125,6 +128,11 @@ class TrainConfig:
                 )
         if not self.out_dir:
             raise ConfigError("out_dir is empty: name the directory for checkpoints and logs")
+        if self.eval_only and self.init_from == "scratch":
+            raise ConfigError(
+                "eval_only=True with init_from='scratch' would evaluate an untrained model; add "
+                "--init_from=resume to evaluate the run in out_dir (or init_from=<weights>)"
+            )
         if not self.dataset:
             raise ConfigError("dataset is empty: name a prepared dataset, 'phop' or 'pointer'")
 

@@ -30,7 +30,9 @@ from blockloop.checkpoint import (
     CHECKPOINT_FORMAT,
     LAST_CKPT,
     load_latest_good,
+    prev_path,
     save_checkpoint,
+    sidecar_path,
 )
 from blockloop.checkpoint import build_model as build_checkpoint_model
 from blockloop.config import (
@@ -49,6 +51,7 @@ from blockloop.pretrained import load_pretrained
 from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jsonl
 from blockloop.runtime import autocast_context, mix_seed, resolve_device, resolve_dtype
 from blockloop.tasks import heldout_set, task_from_config
+from blockloop.tokenizers import check_same_tokenizer, decoding_meta
 
 METRICS_FILE = "metrics.jsonl"
 # Evaluation batches come from this seed whatever the run's seed, so every run of an experiment
@@ -167,26 +170,44 @@ class MetricsLog:
 
     The first record is a header, `{"kind": "header", "iter": 0, "code": code_identity()}`, so
     that the curve names the code that made it; then "eval", "train" and "skipped" records.
+    A log that replaces another run's (`pending=True`) is kept in memory until `commit()`, which
+    the run calls once it has saved its first checkpoint: a run killed before then leaves the
+    old run's log as it was.
     """
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, pending: bool = False):
         self.path = path
         self.enabled = enabled
+        self.pending = [] if (enabled and pending) else None
 
     def start(self, iter_num: int) -> None:
         """Keep the records before `iter_num` (those of the run being resumed, header included)
         and drop the rest; a log without a header (a fresh run) starts with one."""
         if not self.enabled:
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) < iter_num]
+        old = [] if self.pending is not None else read_jsonl(self.path)
+        kept = [r for r in old if r.get("iter", 0) < iter_num]
         if not any(r.get("kind") == "header" for r in kept):
             kept.insert(0, {"kind": "header", "iter": 0, "code": code_identity()})
-        write_jsonl(self.path, kept)
+        if self.pending is not None:
+            self.pending = kept
+        else:
+            write_jsonl(self.path, kept)
 
     def write(self, record: dict) -> None:
-        """Append one record."""
-        if self.enabled:
+        """Append one record (to memory while the log is pending)."""
+        if self.pending is not None:
+            self.pending.append(record)
+        elif self.enabled:
             append_jsonl(self.path, record)
+
+    def commit(self) -> bool:
+        """Replace the old log with the pending one; False if nothing was pending."""
+        if self.pending is None:
+            return False
+        write_jsonl(self.path, self.pending)
+        self.pending = None
+        return True
 
 
 def build_model(cfg: TrainConfig, model_overrides: dict, vocab_size: int) -> GPTConfig:
@@ -348,10 +369,27 @@ def init_distributed(cfg: TrainConfig) -> tuple[Distributed, str]:
     return dist, device
 
 
+RUN_FILES = (LAST_CKPT, BEST_CKPT, METRICS_FILE)
+
+
+def existing_run(out_dir: Path) -> list[str]:
+    """The files of a run already in `out_dir` (checkpoints, metrics log); [] if none."""
+    return [name for name in RUN_FILES if (out_dir / name).exists()]
+
+
 def prepare_out_dir(cfg: TrainConfig, master: bool) -> Path:
-    """The run directory, created (by the master) and checked writable."""
+    """The run directory, created (by the master) and checked writable. Starting a new run
+    where one exists is refused unless `overwrite_out_dir` (ConfigError naming the files)."""
     out_dir = Path(cfg.out_dir)
-    if master:
+    found = existing_run(out_dir) if out_dir.is_dir() else []
+    if found and cfg.init_from != "resume" and not cfg.eval_only and not cfg.overwrite_out_dir:
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r} already holds a run ({', '.join(found)}); continue it "
+            f"with --init_from=resume, choose another --out_dir, or pass "
+            f"--overwrite_out_dir=True to replace it (its files stay until the new run saves "
+            f"its first checkpoint)"
+        )
+    if master and not cfg.eval_only:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -359,6 +397,11 @@ def prepare_out_dir(cfg: TrainConfig, master: bool) -> Path:
         if not os.access(out_dir, os.W_OK):
             raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable")
     return out_dir
+
+
+def replaces_a_run(cfg: TrainConfig, out_dir: Path) -> bool:
+    """Whether this run starts over another run's files (`overwrite_out_dir`)."""
+    return cfg.init_from != "resume" and not cfg.eval_only and bool(existing_run(out_dir))
 
 
 def build_or_resume_model(
@@ -369,6 +412,12 @@ def build_or_resume_model(
     Raises ConfigError for sizes that do not fit the data or the machine."""
     if cfg.init_from == "resume":
         start = resume(cfg, model_overrides, out_dir, device, log)
+        if data.task is None:
+            try:
+                check_same_tokenizer(start.checkpoint.get("meta") or {}, data.meta,
+                                     data.dataset.data_dir / "meta.json")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     elif cfg.init_from == "scratch":
         model_config = build_model(cfg, model_overrides, data.vocab_size)
         check_memory(cfg, model_config, device)
@@ -519,11 +568,11 @@ def setup(cfg: TrainConfig, model_overrides: dict, log=print) -> Trainer:
     raw_model = start.model
     model = wrap_model(cfg, raw_model, dist, device)
 
-    metrics = MetricsLog(out_dir / METRICS_FILE, enabled=dist.master)
-    # Also for a fresh run (iter_num 0, log emptied): records left by an earlier run in this
-    # out_dir, e.g. one killed before its first checkpoint, must not mix into this run's log.
+    # eval_only writes nothing into the run directory: it reports, and changes no history.
+    metrics = MetricsLog(out_dir / METRICS_FILE, enabled=dist.master and not cfg.eval_only,
+                         pending=replaces_a_run(cfg, out_dir))
     metrics.start(start.iter_num)
-    if dist.master:
+    if dist.master and not cfg.eval_only and metrics.pending is None:
         save_resolved_config(out_dir / "config.json", cfg, raw_model.config)
     eval_sets, loop_counts = eval_plan(cfg, data, raw_model.config)
     t = Trainer(
@@ -718,8 +767,28 @@ def checkpoint_payload(t: Trainer, iter_num: int) -> dict:
         "iter_num": iter_num,
         "best_val_loss": t.best_val_loss,
         "train_flops": t.train_flops,
-        "meta": data.meta if data.task is not None else {"data_dir": str(cfg.resolved_data_dir())},
+        # Token data: what decoding needs travels with the weights (sampling works from any
+        # directory, and a re-prepared data directory is recognised as different).
+        "meta": data.meta if data.task is not None else {
+            "data_dir": str(cfg.resolved_data_dir()), **decoding_meta(data.meta)
+        },
     }
+
+
+def save_run_checkpoint(t: Trainer, names: list[str], iter_num: int) -> None:
+    """Save the checkpoint of `iter_num` under each of `names`; the first save of a run that
+    replaces another commits its pending log and config.json, and drops the old run's .prev
+    copies, so that from then on the directory holds this run alone."""
+    payload = checkpoint_payload(t, iter_num)
+    for name in names:
+        save_checkpoint(t.out_dir / name, payload)
+    if t.metrics.commit():
+        save_resolved_config(t.out_dir / "config.json", t.cfg, t.raw_model.config)
+        for name in (BEST_CKPT, LAST_CKPT):
+            if name not in names:
+                continue
+            for stale in (prev_path(t.out_dir / name), sidecar_path(prev_path(t.out_dir / name))):
+                stale.unlink(missing_ok=True)
 
 
 def evaluate_and_checkpoint(t: Trainer, iter_num: int, t_start: float) -> dict:
@@ -754,11 +823,10 @@ def evaluate_and_checkpoint(t: Trainer, iter_num: int, t_start: float) -> dict:
         # first: a run killed between the two saves resumes from the older last.pt and redoes
         # this evaluation, saves included; in the other order it would resume with
         # best_val_loss already lowered and never write best.pt.
-        payload = checkpoint_payload(t, iter_num)
-        if improved:
-            save_checkpoint(t.out_dir / BEST_CKPT, payload)
+        names = [BEST_CKPT] if improved else []
         if improved or t.cfg.always_save_checkpoint:
-            save_checkpoint(t.out_dir / LAST_CKPT, payload)
+            names.append(LAST_CKPT)
+        save_run_checkpoint(t, names, iter_num)
     return record
 
 
@@ -767,7 +835,7 @@ def stop_and_save(t: Trainer, iter_num: int) -> str:
     returns what stopped the run."""
     stopped_by = t.stop.signal_name or "a signal to another rank"
     if t.master:
-        save_checkpoint(t.out_dir / LAST_CKPT, checkpoint_payload(t, iter_num))
+        save_run_checkpoint(t, [LAST_CKPT], iter_num)
         t.say(
             f"stopped by {stopped_by}: saved {t.out_dir / LAST_CKPT} at iteration "
             f"{iter_num}. To resume, run the same command with --init_from=resume"

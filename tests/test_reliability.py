@@ -230,8 +230,10 @@ def test_crash_after_any_checkpoint_save_then_resume_equals_uninterrupted_run(
     with pytest.raises(_Crash):
         run(args(data, out, *extra))
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    # As a user would: resume if there is a last.pt, else start again.
-    run(args(data, out, *extra, *(["--init_from=resume"] if (out / "last.pt").exists() else [])))
+    # As a user would: resume if there is a last.pt, else start again (replacing the lone
+    # best.pt, which a scratch run may only do when asked to).
+    again = ["--init_from=resume"] if (out / "last.pt").exists() else ["--overwrite_out_dir=True"]
+    run(args(data, out, *extra, *again))
     assert_same_training(ref, out)
 
 

@@ -179,6 +179,6 @@ def test_config_and_metrics_record_the_code_identity(tmp_path):
     records = read_metrics(out)
     assert records[0] == header and [r["kind"] for r in records].count("header") == 1
     assert [r["iter"] for r in records if r["kind"] == "train"] == [0, 1, 2, 3]
-    # A fresh run in the same out_dir starts a new log, with a header of its own.
-    run(tiny_args(data, out, "--max_iters=1"))
+    # A fresh run replacing the old one (overwrite_out_dir) starts a new log with its own header.
+    run(tiny_args(data, out, "--max_iters=1", "--overwrite_out_dir=True"))
     assert [r["kind"] for r in read_metrics(out)] == ["header", "eval", "train", "eval"]
