@@ -268,9 +268,6 @@ def parse_assignments(path: str | os.PathLike, kind: str = "config",
     return out
 
 
-# The old private name, still imported by blockloop/experiment.py until it is split.
-_literal = literal_value
-
 # A config file may start from another one: `base_config = "train_gpt2.py"` (relative to the
 # file) reads that file first and lets this one override it, so variants repeat no settings.
 BASE_CONFIG_KEY = "base_config"
