@@ -191,3 +191,22 @@ def test_report_with_nothing_finished(synthetic):
     text = write_report(out).read_text()
     assert "not run" in text
     assert not list((out / "report").glob("*.png"))
+
+
+def test_results_with_the_old_row_keys_are_still_drawn(synthetic):
+    # Results from before the keys were unified ("loops" in loop-scaling and hop rows,
+    # "max_loops" in exit-sweep rows) can be kept with --keep_other_code; the report reads them.
+    out, _ = synthetic
+    renames = {"loop_scaling": "loops", "hops": "loops", "exit_sweep": "max_loops"}
+    lines = []
+    for line in (out / RESULTS_FILE).read_text().splitlines():
+        rec = json.loads(line)
+        for key, old in renames.items():
+            rec[key] = [{(old if k == "num_loops" else k): v for k, v in row.items()}
+                        for row in rec.get(key) or []]
+        lines.append(json.dumps(rec))
+    (out / RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    new = write_report(out).read_text()
+    assert "at most 8 iterations" in new  # the exit sweep's cap, read from "max_loops"
+    written = {p.name for p in (out / "report").glob("*.png")}
+    assert {"lm_loop_scaling.png", "task_accuracy_vs_hops.png", "lm_exit_sweep.png"} <= written

@@ -96,7 +96,7 @@ class SectionData:
             if rec is None or rec.get("spec_hash") != run["spec_hash"]:
                 self.missing[run["variant"]].append(run)
             elif rec.get("status") == "ok":
-                rec = dict(rec)
+                rec = _current_keys(rec)
                 rec["_curve"] = _curve(Path(out_dir) / RUNS_DIR / run["run_id"])
                 self.by_variant[run["variant"]].append(rec)
             else:
@@ -130,6 +130,21 @@ class SectionData:
         if self.is_task or not self.vocab_size:
             return None
         return math.log(self.vocab_size) + LOSS_CLIP_MARGIN
+
+
+# Results written before the evaluation keys were unified (kept with --keep_other_code) name a
+# row's iteration count "loops" (loop scaling, hops) or "max_loops" (exit sweep).
+_OLD_ROW_KEYS = {"loop_scaling": "loops", "hops": "loops", "exit_sweep": "max_loops"}
+
+
+def _current_keys(rec: dict) -> dict:
+    """A copy of result record `rec` with every row's iteration count under "num_loops"."""
+    out = dict(rec)
+    for key, old in _OLD_ROW_KEYS.items():
+        if out.get(key):
+            out[key] = [{"num_loops": row[old], **row}
+                        if old in row and "num_loops" not in row else row for row in out[key]]
+    return out
 
 
 def _palette(n: int) -> list:
@@ -328,6 +343,16 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=FIG_DPI, bbox_inches="tight")
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid and legend of a one-axes figure, then the figure saved to `path`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    _save(fig, path)
+
+
 def _legend(ax, fig=None, outside: bool = True) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
@@ -498,12 +523,8 @@ def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
     ax.set_xticks(sorted(ticks))
     ax.xaxis.set_major_formatter(_int_formatter())
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("iterations of the looped blocks at test time (log scale)")
-    ax.set_ylabel(sec.metric_label)
-    ax.set_title("Test-time loop scaling")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    _save(fig, path)
+    _finish(fig, ax, path, "iterations of the looped blocks at test time (log scale)",
+            sec.metric_label, "Test-time loop scaling")
     clip = (f" Losses above ln(vocab) + {LOSS_CLIP_MARGIN} (worse than uniform guessing) are "
             f"drawn at the top edge as hollow triangles." if top else "")
     return ("Each looped variant evaluated with the looped blocks run a fixed number of times "
@@ -545,12 +566,8 @@ def fig_exit_sweep(sec: SectionData, path: Path) -> str | None:
         keep = fx <= max(cap, 1)
         _plot_clipped(ax, fx[keep], fmean[keep], top, color=color, linestyle="--", alpha=0.6,
                       label=f"{v['name']}: fixed count")
-    ax.set_xlabel("mean iterations used per sequence")
-    ax.set_ylabel(sec.metric_label)
-    ax.set_title("Automatic exit: quality vs iterations used")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    _save(fig, path)
+    _finish(fig, ax, path, "mean iterations used per sequence", sec.metric_label,
+            "Automatic exit: quality vs iterations used")
     thresholds = sorted({row["threshold"] for v in looped for r in sec.by_variant[v["name"]]
                          for row in r.get("exit_sweep") or []}, reverse=True)
     return ("Solid lines: automatic exit (a sequence stops once its state changes by less than the "
