@@ -288,8 +288,9 @@ def test_analyze_model_exit_sweep_and_scaling_against_direct_runs():
     # Loop scaling equals the training loop's own evaluation at each count.
     for point in res["loop_scaling"]:
         ref = evaluate(
-            model, batches, nullcontext(), "cpu", num_loops=point["num_loops"], loop_exit=False
-        )
+            model, batches, ctx=nullcontext(), device="cpu", num_loops=point["num_loops"],
+            loop_exit=False,
+        ).to_dict()
         assert point["loss"] == pytest.approx(ref["loss"], abs=1e-6)
     assert res["model_loss"] == pytest.approx(res["loop_scaling"][1]["loss"], abs=1e-6)
     sweep = {p["threshold"]: p for p in res["threshold_sweep"]}
