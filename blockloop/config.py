@@ -12,6 +12,7 @@ work starts; an error names the key and what is allowed.
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import operator
 import os
@@ -178,17 +179,34 @@ _BINOPS = {
 }
 
 
-def _literal(node, where: str):
-    """Evaluate a literal or arithmetic on literals; anything else is refused."""
+def literal_value(node, where: str, constants: dict | None = None, kind: str = "config"):
+    """The value of one parsed expression: a literal, or arithmetic on literals.
+
+    Numbers, strings, booleans, None, lists and tuples (as lists) are allowed, with `+ - * / //
+    % **` on numbers and `+` on strings. With `constants` (experiment files) dicts with string
+    keys are allowed too, and a name refers to a constant assigned earlier (also as `**NAME`
+    inside a dict; the value is copied). Anything else raises ConfigError naming `where`;
+    `kind` names the file type in that message.
+    """
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(e, where) for e in node.elts]
+        return [literal_value(e, where, constants, kind) for e in node.elts]
+    if constants is not None and isinstance(node, ast.Name):
+        if node.id not in constants:
+            raise ConfigError(
+                f"{where}: unknown name '{node.id}'; only upper-case constants assigned earlier "
+                f"in the file can be used (e.g. LOOP = {{...}})"
+            )
+        return copy.deepcopy(constants[node.id])
+    if constants is not None and isinstance(node, ast.Dict):
+        return _dict_value(node, where, constants, kind)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _literal(node.operand, where)
+        v = literal_value(node.operand, where, constants, kind)
         return -v if isinstance(node.op, ast.USub) else v
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = _literal(node.left, where), _literal(node.right, where)
+        left = literal_value(node.left, where, constants, kind)
+        right = literal_value(node.right, where, constants, kind)
         if isinstance(left, (int, float)) and isinstance(right, (int, float)):
             if isinstance(node.op, ast.Pow) and abs(right) > 64:
                 raise ConfigError(f"{where}: exponent too large")
@@ -197,8 +215,65 @@ def _literal(node, where: str):
             return left + right
     raise ConfigError(
         f"{where}: only literal values (numbers, strings, booleans, lists) and arithmetic on "
-        f"numbers are allowed in config files; config files are parsed, never executed"
+        f"numbers are allowed in {kind} files; {kind} files are parsed, never executed"
     )
+
+
+def _dict_value(node: ast.Dict, where: str, constants: dict, kind: str) -> dict:
+    out = {}
+    for k, v in zip(node.keys, node.values):
+        if k is None:  # `**NAME`
+            merged = literal_value(v, where, constants, kind)
+            if not isinstance(merged, dict):
+                raise ConfigError(f"{where}: '**' needs a dict")
+            out.update(merged)
+            continue
+        if not (isinstance(k, ast.Constant) and isinstance(k.value, str)):
+            raise ConfigError(f"{where}: dict keys must be strings")
+        out[k.value] = literal_value(v, where, constants, kind)
+    return out
+
+
+def parse_assignments(path: str | os.PathLike, kind: str = "config",
+                      constants: bool = False) -> list[tuple[str, object, str]]:
+    """The `key = value` lines of a Python-syntax file as `(key, value, where)`, in file order.
+
+    The file is parsed with `ast` and never executed; a docstring is skipped. Config files
+    (`kind="config"`) may contain imports (nanoGPT configs sometimes do), which are skipped.
+    With `constants` (experiment files) imports are refused, upper-case names are constants
+    usable in later values (and are not returned), and dicts are allowed (see `literal_value`).
+    `where` names the file and line for messages. Raises ConfigError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} file {path} not found")
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except OSError as e:
+        raise ConfigError(f"{kind} file {path}: cannot be read: {e}") from None
+    except SyntaxError as e:
+        raise ConfigError(f"{kind} file {path}, line {e.lineno}: syntax error: {e.msg}") from None
+    names = {} if constants else None
+    out = []
+    for node in tree.body:
+        where = f"{kind} file {path}, line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if not constants and isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue  # the values read are literals
+        if not (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
+            raise ConfigError(f"{where}: expected 'key = value'")
+        key = node.targets[0].id
+        value = literal_value(node.value, where, names, kind)
+        if constants and key.isupper():
+            names[key] = value  # a reusable constant, not a key
+        else:
+            out.append((key, value, where))
+    return out
 
 
 # A config file may start from another one: `base_config = "train_gpt2.py"` (relative to the
@@ -209,28 +284,9 @@ BASE_CONFIG_KEY = "base_config"
 def read_config_file(path: str | os.PathLike, _chain: tuple = ()) -> dict:
     """`key = value` assignments from a nanoGPT-style Python config file, parsed safely."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
     if path.resolve() in _chain:
         raise ConfigError(f"config file {path}: {BASE_CONFIG_KEY} chain loops back to itself")
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except SyntaxError as e:
-        raise ConfigError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
-    values = {}
-    for node in tree.body:
-        where = f"config file {path}, line {getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue  # nanoGPT configs sometimes import; the values we read are literals
-        if not (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
-        ):
-            raise ConfigError(f"{where}: expected 'key = value'")
-        values[node.targets[0].id] = _literal(node.value, where)
+    values = {key: value for key, value, _ in parse_assignments(path)}
     if BASE_CONFIG_KEY in values:
         base_name = values.pop(BASE_CONFIG_KEY)
         if not isinstance(base_name, str):

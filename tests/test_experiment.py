@@ -24,6 +24,7 @@ from blockloop.experiment import (
     safe_name,
 )
 from blockloop.model import GPT, GPTConfig
+from blockloop.records import code_identity, same_code
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "config" / "experiment_tiny.py"
@@ -316,7 +317,9 @@ def test_tiny_experiment_completes_with_results_and_report(tiny_run):
     assert all(rec["status"] == "ok" for rec in records.values()), records
     loop = records["chars/loop_L2x3-s1"]
     assert loop["effective_depth"] == 4 and loop["iter_num"] == 8
-    assert [row["loops"] for row in loop["loop_scaling"]] == [1, 2, 3, 4, 5, 6, 8]
+    # Counts from blockloop.looping.scaling_loop_counts: 1 .. 2 x trained, 1, 2, 4, 8, 16, and
+    # the section's test_loops.
+    assert [row["num_loops"] for row in loop["loop_scaling"]] == [1, 2, 3, 4, 5, 6, 8, 16]
     assert len(loop["exit_sweep"]) == 2
     assert len(loop["samples"]) == 2 and all(len(s) == 24 for s in loop["samples"])
     assert set("".join(loop["samples"])) <= set("\n abcdefgh")
@@ -407,3 +410,78 @@ def test_command_line_help_and_errors(tmp_path, capsys):
     bad = simple_file(tmp_path, '[{"name": "v", "n_layer": 1}]')
     assert main([str(bad), "--jobs", "0"]) == 2
     assert main([str(bad), "--out", str(tmp_path / "none"), "--report-only"]) == 2
+
+
+def test_concat_variant_built_for_one_iteration_runs_like_any_other(tmp_path):
+    # "concat" injection with max_loops=1 has no adapters and can run one iteration only: it is
+    # looped (blockloop.looping.is_looped), gets its plain references, and its loop scaling and
+    # exit sweep hold that one count.
+    path = write_experiment(tmp_path / "e.py", (
+        f'name = "c"\nbase = {TASK_BASE!r}\nseeds = [1]\nbudget = {{"iters": 2}}\n'
+        f'evaluation = {{"exit_thresholds": [0.1], "hops": [1, 2]}}\n'
+        f'variants = [{{"name": "cat1", "n_layer": 1, "loop_center_idx": 0, "max_loops": 1,'
+        f' "loop_input_injection": "concat"}}]\n'))
+    out = tmp_path / "out"
+    rc = main([str(path), "--out", str(out), "--jobs", "2"])
+    assert rc == 0
+    plan = json.loads((out / "experiment.json").read_text())
+    (cat1,) = [v for v in plan["sections"][0]["variants"] if v["name"] == "cat1"]
+    assert cat1["looped"] and cat1["references"] == {"param": "plain_L1", "depth": "plain_L1"}
+    records = load_results(out)
+    assert set(records) == {"main/cat1-s1", "main/plain_L1-s1"}
+    rec = records["main/cat1-s1"]
+    assert rec["status"] == "ok" and rec["looped"] and rec["effective_depth"] == 1
+    assert [row["num_loops"] for row in rec["loop_scaling"]] == [1]
+    assert [(row["threshold"], row["num_loops"]) for row in rec["exit_sweep"]] == [(0.1, 1)]
+    assert rec["exit_default"]["mean_iterations"] == 1.0
+    assert {row["num_loops"] for row in rec["hops"]} == {1}
+    text = (out / "report" / "report.md").read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| cat1 |"))
+    assert "| looped |" in row and "1.00 of 1" in row
+    assert "](main_loop_scaling.png)" in text and "FAILED" not in text
+
+
+def fake_other_code(out: Path, run_id: str) -> None:
+    """Make `run_id`'s recorded result look as if other code (another source hash) made it."""
+    for path in (out / RESULTS_FILE, out / "runs" / run_id / "result.json"):
+        text = path.read_text()
+        if path.suffix == ".json":
+            rec = json.loads(text)
+            rec["code"]["source_sha256"] = "0" * 16
+            path.write_text(json.dumps(rec))
+            continue
+        lines = []
+        for line in text.splitlines():
+            rec = json.loads(line)
+            if rec["run_id"] == run_id:
+                rec["code"]["source_sha256"] = "0" * 16
+            lines.append(json.dumps(rec))
+        path.write_text("\n".join(lines) + "\n")
+
+
+def test_runs_made_by_other_code_are_rerun_unless_kept(tiny_run, tmp_path, capsys, monkeypatch):
+    root, out, _ = tiny_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    records = load_results(copy)
+    assert all(same_code(rec["code"]) for rec in records.values())
+    other = "phop/plain_L1-s1"
+    fake_other_code(copy, other)
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    # Kept: nothing runs, and the report names the run made by other code.
+    assert main([str(TINY), "--out", str(copy), "--jobs", "2", "--keep_other_code"]) == 0
+    assert "] start " not in capsys.readouterr().out
+    assert load_results(copy)[other]["code"]["source_sha256"] == "0" * 16
+    text = (copy / "report" / "report.md").read_text()
+    line = next(ln for ln in text.splitlines() if "by other code" in ln)
+    assert other in line and "0" * 16 in line
+    assert f"8 run(s) by this code (source `{code_identity()['source_sha256']}`" in text
+    # By default the run is made again, by this code; the others are reused.
+    assert main([str(TINY), "--out", str(copy), "--jobs", "2"]) == 0
+    log = capsys.readouterr().out
+    started = [ln.split("start ")[1].split()[0] for ln in log.splitlines() if "] start " in ln]
+    assert started == [other]
+    assert "1 finished run(s) were made by other code" in log
+    assert same_code(load_results(copy)[other]["code"])
+    assert "by other code" not in (copy / "report" / "report.md").read_text()

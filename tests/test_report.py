@@ -1,5 +1,6 @@
-"""Tests for blockloop.report on a synthetic experiment directory (no training): the numbers in
-the tables, the recurrence-equivalence fractions, failures and stale records, and the figures."""
+"""Tests for blockloop.experiment.report on a synthetic experiment directory (no training): the
+numbers in the tables, the recurrence-equivalence fractions, failures and stale records, and the
+figures."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import matplotlib
 import pytest
 
 from blockloop.experiment import RESULTS_FILE, plan_experiment, read_experiment_file
-from blockloop.report import SectionData, gap_fractions, write_report
+from blockloop.experiment.report import SectionData, gap_fractions, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMON = {"n_head": 2, "n_embd": 16, "gradient_accumulation_steps": 1, "batch_size": 4}
@@ -61,8 +62,8 @@ def looped_extras(task: bool, trained: int, good: float) -> dict:
         # Worse away from the trained count; far out the loss exceeds log(vocab) (clipped).
         value = good - 0.05 * abs(n - trained) if task else good + (0.4 * abs(n - trained)
                                                                    if n <= 8 else 7.0)
-        scaling.append({"loops": n, key: value, "mean_iterations": float(n)})
-    sweep = [{"threshold": th, "max_loops": 2 * trained, key: good, "mean_iterations": m}
+        scaling.append({"num_loops": n, key: value, "mean_iterations": float(n)})
+    sweep = [{"threshold": th, "num_loops": 2 * trained, key: good, "mean_iterations": m}
              for th, m in ((0.1, 2.0), (0.01, 3.5), (0.001, 2.0 * trained))]
     return {"looped": True, "max_loops": trained, "loop_scaling": scaling, "exit_sweep": sweep,
             "exit_default": {"threshold": 0.001, key: good, "mean_iterations": float(trained)}}
@@ -103,7 +104,7 @@ def synthetic(tmp_path):
             acc = TASK_ACC[run.variant]
             rec.update(final_val_accuracy=acc, best_val_accuracy=acc, final_val_loss=1.0,
                        best_val_loss=1.0, floors=FLOORS, trained_hops=2,
-                       hops=[{"hops": p, "loops": n, "accuracy": acc / p, "floors": FLOORS}
+                       hops=[{"hops": p, "num_loops": n, "accuracy": acc / p, "floors": FLOORS}
                              for p in (1, 2, 3, 4) for n in ((4, 8) if rec["looped"] else (1,))])
             final = acc
         else:
@@ -190,3 +191,22 @@ def test_report_with_nothing_finished(synthetic):
     text = write_report(out).read_text()
     assert "not run" in text
     assert not list((out / "report").glob("*.png"))
+
+
+def test_results_with_the_old_row_keys_are_still_drawn(synthetic):
+    # Results from before the keys were unified ("loops" in loop-scaling and hop rows,
+    # "max_loops" in exit-sweep rows) can be kept with --keep_other_code; the report reads them.
+    out, _ = synthetic
+    renames = {"loop_scaling": "loops", "hops": "loops", "exit_sweep": "max_loops"}
+    lines = []
+    for line in (out / RESULTS_FILE).read_text().splitlines():
+        rec = json.loads(line)
+        for key, old in renames.items():
+            rec[key] = [{(old if k == "num_loops" else k): v for k, v in row.items()}
+                        for row in rec.get(key) or []]
+        lines.append(json.dumps(rec))
+    (out / RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    new = write_report(out).read_text()
+    assert "at most 8 iterations" in new  # the exit sweep's cap, read from "max_loops"
+    written = {p.name for p in (out / "report").glob("*.png")}
+    assert {"lm_loop_scaling.png", "task_accuracy_vs_hops.png", "lm_exit_sweep.png"} <= written

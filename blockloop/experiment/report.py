@@ -1,17 +1,20 @@
 """The experiment report: Markdown tables and PNG figures from an experiment's output directory.
 
-`write_report(out_dir)` reads what `blockloop.experiment` wrote (`experiment.json`: the plan;
-`results.jsonl`: one record per run; each run's `metrics.jsonl`: the training curve) and writes
-`report/report.md` with, per section:
+`write_report(out_dir)` reads what the runner wrote (`experiment.json`: the plan;
+`results.jsonl`: one record per run; each run's `metrics.jsonl`: the training curve; the names
+are in `files`, so this module does not import the runner) and writes `report/report.md` with
+which code made the runs (source hash, torch version and git commit of each run, runs made by
+other code than the report's named) and, per section:
 
 - a table per variant: unique parameters, effective depth, training FLOPs, tokens/s, wall time,
   best and final validation loss (accuracy for synthetic tasks, with the trivial-strategy floors
   beside it) as mean ± sample standard deviation over seeds, and the iterations used under
   automatic exit;
 - figures, each followed by how to read it: validation curves against iterations and training
-  FLOPs; test-time loop scaling; the automatic-exit threshold sweep; the recurrence-equivalence
-  figure (where each looped model lands between its parameter-matched and depth-matched plain
-  references); accuracy against the number of hops asked (tasks);
+  FLOPs; test-time loop scaling (`loop_scaling` rows, keyed `num_loops`); the automatic-exit
+  threshold sweep (`exit_sweep` rows); the recurrence-equivalence figure (where each looped model
+  lands between its parameter-matched and depth-matched plain references); accuracy against the
+  number of hops asked (tasks);
 - generated samples (token data), and every failed run with its error.
 
 Only records whose config hash matches the current plan are used, so a result left over from an
@@ -31,8 +34,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from blockloop.experiment import PLAN_FILE, REPORT_DIR, RUNS_DIR, load_results
-from blockloop.records import read_jsonl
+from blockloop.experiment.files import (
+    PLAN_FILE,
+    REPORT_DIR,
+    RUN_METRICS_FILE,
+    RUNS_DIR,
+    load_results,
+    safe_name,
+)
+from blockloop.records import code_identity, read_jsonl, same_code
 
 FIG_DPI = 110
 # Losses above log(vocab) + this margin are worse than guessing uniformly; drawing them to scale
@@ -50,7 +60,7 @@ EQUIVALENCE_WINDOW = (-1.0, 2.0)
 
 def _curve(run_dir: Path) -> dict:
     """Evaluation points of a run: iterations, FLOPs spent before them, val loss and accuracy."""
-    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    recs = read_jsonl(Path(run_dir) / RUN_METRICS_FILE)
     evals = [r for r in recs if r.get("kind") == "eval"]
     train = [r for r in recs if r.get("kind") == "train" and "train_flops" in r]
     iters = np.array([r["iter"] for r in evals], dtype=float)
@@ -86,7 +96,7 @@ class SectionData:
             if rec is None or rec.get("spec_hash") != run["spec_hash"]:
                 self.missing[run["variant"]].append(run)
             elif rec.get("status") == "ok":
-                rec = dict(rec)
+                rec = _current_keys(rec)
                 rec["_curve"] = _curve(Path(out_dir) / RUNS_DIR / run["run_id"])
                 self.by_variant[run["variant"]].append(rec)
             else:
@@ -120,6 +130,21 @@ class SectionData:
         if self.is_task or not self.vocab_size:
             return None
         return math.log(self.vocab_size) + LOSS_CLIP_MARGIN
+
+
+# Results written before the evaluation keys were unified (kept with --keep_other_code) name a
+# row's iteration count "loops" (loop scaling, hops) or "max_loops" (exit sweep).
+_OLD_ROW_KEYS = {"loop_scaling": "loops", "hops": "loops", "exit_sweep": "max_loops"}
+
+
+def _current_keys(rec: dict) -> dict:
+    """A copy of result record `rec` with every row's iteration count under "num_loops"."""
+    out = dict(rec)
+    for key, old in _OLD_ROW_KEYS.items():
+        if out.get(key):
+            out[key] = [{"num_loops": row[old], **row}
+                        if old in row and "num_loops" not in row else row for row in out[key]]
+    return out
 
 
 def _palette(n: int) -> list:
@@ -318,6 +343,16 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=FIG_DPI, bbox_inches="tight")
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid and legend of a one-axes figure, then the figure saved to `path`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    _save(fig, path)
+
+
 def _legend(ax, fig=None, outside: bool = True) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
@@ -355,36 +390,17 @@ def _floor_line(ax, sec: SectionData) -> None:
 def fig_training_curves(sec: SectionData, path: Path) -> str | None:
     fig, (ax_it, ax_fl) = _new_figure(2, width=13, height=4.8)
     drawn = False
-    top = sec.loss_top()
     # Loss falls steeply at first; scaling the axis to the start would flatten the differences at
     # the end, which are what the comparison is about. The loss axis therefore starts from the
     # highest mean loss after the first ZOOM_FROM of training.
     zoom_top, zoom_bottom = [], []
     for v in sec.variants:
-        recs = sec.by_variant[v["name"]]
-        curves = [r["_curve"] for r in recs if len(r["_curve"]["iters"])]
-        if not curves:
+        zoom = _variant_curves((ax_it, ax_fl), sec, v)
+        if zoom is None:
             continue
-        n = min(len(c["iters"]) for c in curves)
-        ys = np.array([c[sec.metric][:n] for c in curves])
-        mean = np.nanmean(ys, axis=0)
-        iters = curves[0]["iters"][:n]
-        late = mean[iters >= ZOOM_FROM * iters[-1]]
-        if len(late):
-            zoom_top.append(float(np.nanmax(late)))
-            zoom_bottom.append(float(np.nanmin(ys)))
-        color = sec.colors[v["name"]]
-        style = "--" if v["role"] == "baseline" else "-"
-        label = v["name"] + (f" ({len(curves)} seeds)" if len(curves) > 1 else " (1 seed)")
-        for ax, xkey in ((ax_it, "iters"), (ax_fl, "flops")):
-            x = np.nanmean(np.array([c[xkey][:n] for c in curves]), axis=0)
-            _plot_clipped(ax, x, mean, top, color=color, linestyle=style, marker=".",
-                          label=label)
-            if len(curves) > 1:
-                lo, hi = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
-                lo, _ = _clip(lo, top)
-                hi, _ = _clip(hi, top)
-                ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+        if zoom[0] is not None:
+            zoom_top.append(zoom[0])
+            zoom_bottom.append(zoom[1])
         drawn = True
     if not drawn:
         return None
@@ -415,6 +431,35 @@ def fig_training_curves(sec: SectionData, path: Path) -> str | None:
                if sec.is_task else "")
             + (f" The loss axis is zoomed on the last {1 - ZOOM_FROM:.0%} of training; the "
                f"early, steep part of the curves runs off the top." if zoomed else ""))
+
+
+def _variant_curves(axes, sec: SectionData, v: dict) -> tuple | None:
+    """Draws variant `v`'s mean curve (and seed band) against iterations and FLOPs; returns
+    (highest late mean, lowest value) for the zoom, (None, None) without a late part, or None
+    when the variant has no curve."""
+    recs = sec.by_variant[v["name"]]
+    curves = [r["_curve"] for r in recs if len(r["_curve"]["iters"])]
+    if not curves:
+        return None
+    top = sec.loss_top()
+    n = min(len(c["iters"]) for c in curves)
+    ys = np.array([c[sec.metric][:n] for c in curves])
+    mean = np.nanmean(ys, axis=0)
+    iters = curves[0]["iters"][:n]
+    late = mean[iters >= ZOOM_FROM * iters[-1]]
+    zoom = (float(np.nanmax(late)), float(np.nanmin(ys))) if len(late) else (None, None)
+    color = sec.colors[v["name"]]
+    style = "--" if v["role"] == "baseline" else "-"
+    label = v["name"] + (f" ({len(curves)} seeds)" if len(curves) > 1 else " (1 seed)")
+    for ax, xkey in zip(axes, ("iters", "flops")):
+        x = np.nanmean(np.array([c[xkey][:n] for c in curves]), axis=0)
+        _plot_clipped(ax, x, mean, top, color=color, linestyle=style, marker=".", label=label)
+        if len(curves) > 1:
+            lo, hi = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+            lo, _ = _clip(lo, top)
+            hi, _ = _clip(hi, top)
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+    return zoom
 
 
 def _reference_lines(ax, sec: SectionData, top) -> None:
@@ -455,7 +500,7 @@ def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
     ticks = set()
     for v in looped:
         recs = sec.by_variant[v["name"]]
-        xs, mean, lo, hi = _mean_series(recs, "loop_scaling", "loops", ykey)
+        xs, mean, lo, hi = _mean_series(recs, "loop_scaling", "num_loops", ykey)
         if not len(xs):
             continue
         ticks.update(int(x) for x in xs)
@@ -478,12 +523,8 @@ def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
     ax.set_xticks(sorted(ticks))
     ax.xaxis.set_major_formatter(_int_formatter())
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("iterations of the looped blocks at test time (log scale)")
-    ax.set_ylabel(sec.metric_label)
-    ax.set_title("Test-time loop scaling")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    _save(fig, path)
+    _finish(fig, ax, path, "iterations of the looped blocks at test time (log scale)",
+            sec.metric_label, "Test-time loop scaling")
     clip = (f" Losses above ln(vocab) + {LOSS_CLIP_MARGIN} (worse than uniform guessing) are "
             f"drawn at the top edge as hollow triangles." if top else "")
     return ("Each looped variant evaluated with the looped blocks run a fixed number of times "
@@ -515,22 +556,18 @@ def fig_exit_sweep(sec: SectionData, path: Path) -> str | None:
                 if row.get(ykey) is not None and row.get("mean_iterations") is not None:
                     points.setdefault(row["threshold"], []).append(
                         (row["mean_iterations"], row[ykey]))
-                    cap = max(cap, row.get("max_loops", 0))
+                    cap = max(cap, row.get("num_loops", 0))
         ths = sorted(points, reverse=True)
         xs = np.array([np.mean([p[0] for p in points[t]]) for t in ths])
         ys = np.array([np.mean([p[1] for p in points[t]]) for t in ths])
         _plot_clipped(ax, xs, ys, top, color=color, marker="o", markersize=5,
                       label=f"{v['name']}: automatic exit")
-        fx, fmean, _, _ = _mean_series(recs, "loop_scaling", "loops", ykey)
+        fx, fmean, _, _ = _mean_series(recs, "loop_scaling", "num_loops", ykey)
         keep = fx <= max(cap, 1)
         _plot_clipped(ax, fx[keep], fmean[keep], top, color=color, linestyle="--", alpha=0.6,
                       label=f"{v['name']}: fixed count")
-    ax.set_xlabel("mean iterations used per sequence")
-    ax.set_ylabel(sec.metric_label)
-    ax.set_title("Automatic exit: quality vs iterations used")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    _save(fig, path)
+    _finish(fig, ax, path, "mean iterations used per sequence", sec.metric_label,
+            "Automatic exit: quality vs iterations used")
     thresholds = sorted({row["threshold"] for v in looped for r in sec.by_variant[v["name"]]
                          for row in r.get("exit_sweep") or []}, reverse=True)
     return ("Solid lines: automatic exit (a sequence stops once its state changes by less than the "
@@ -559,35 +596,8 @@ def fig_equivalence(sec: SectionData, path: Path) -> str | None:
     ax.axvspan(1, hi, color="0.92", zorder=0)
     ax.axvline(0, color="0.3", linewidth=1.2)
     ax.axvline(1, color="0.3", linewidth=1.2)
-    margin = 0.04 * (hi - lo)
-
-    def place(x):
-        """Position inside the window, marker, and whether it was clipped."""
-        if x < lo + margin:
-            return lo + margin, "<", True
-        if x > hi - margin:
-            return hi - margin, ">", True
-        return x, "o", False
-
     for i, (v, fractions, d) in enumerate(rows):
-        color = sec.colors[v["name"]]
-        fs = [f for _, f in fractions]
-        alpha = 0.35 if d["unreliable"] else 1.0
-        for f in fs:
-            x, marker, _ = place(f)
-            ax.scatter([x], [i], color=color, alpha=0.6 * alpha, s=30, marker=marker, zorder=3)
-        mean = float(np.mean(fs))
-        xm, _, clipped = place(mean)
-        left, right = place(min(fs))[0], place(max(fs))[0]
-        ax.plot([left, right], [i, i], color=color, alpha=alpha, linewidth=1.5, zorder=2)
-        ax.plot([xm], [i], marker="D", color=color, markeredgecolor="black", markersize=8,
-                alpha=alpha, linestyle="none", zorder=4)
-        note = f"mean {mean:.2f}" if clipped else ""
-        if d["unreliable"]:
-            note = (note + ", " if note else "") + "references within seed noise"
-        if note:
-            ax.annotate(note, (xm, i), textcoords="offset points", xytext=(0, 9),
-                        ha="right" if xm > (lo + hi) / 2 else "left", fontsize=7, color="0.25")
+        _equivalence_row(ax, i, sec.colors[v["name"]], [f for _, f in fractions], d)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0]["name"] for r in rows])
     ax.set_ylim(-0.7, len(rows) - 0.3)
@@ -613,6 +623,39 @@ def fig_equivalence(sec: SectionData, path: Path) -> str | None:
             "the fraction is noise, and the row is faded and marked.")
 
 
+def _in_window(x: float) -> tuple[float, str, bool]:
+    """Position of fraction `x` inside EQUIVALENCE_WINDOW, its marker, and whether it was
+    clipped to the window's edge."""
+    lo, hi = EQUIVALENCE_WINDOW
+    margin = 0.04 * (hi - lo)
+    if x < lo + margin:
+        return lo + margin, "<", True
+    if x > hi - margin:
+        return hi - margin, ">", True
+    return x, "o", False
+
+
+def _equivalence_row(ax, i: int, color, fs: list, d: dict) -> None:
+    """Row `i` of the recurrence-equivalence figure: seeds, their range and their mean."""
+    lo, hi = EQUIVALENCE_WINDOW
+    alpha = 0.35 if d["unreliable"] else 1.0
+    for f in fs:
+        x, marker, _ = _in_window(f)
+        ax.scatter([x], [i], color=color, alpha=0.6 * alpha, s=30, marker=marker, zorder=3)
+    mean = float(np.mean(fs))
+    xm, _, clipped = _in_window(mean)
+    left, right = _in_window(min(fs))[0], _in_window(max(fs))[0]
+    ax.plot([left, right], [i, i], color=color, alpha=alpha, linewidth=1.5, zorder=2)
+    ax.plot([xm], [i], marker="D", color=color, markeredgecolor="black", markersize=8,
+            alpha=alpha, linestyle="none", zorder=4)
+    note = f"mean {mean:.2f}" if clipped else ""
+    if d["unreliable"]:
+        note = (note + ", " if note else "") + "references within seed noise"
+    if note:
+        ax.annotate(note, (xm, i), textcoords="offset points", xytext=(0, 9),
+                    ha="right" if xm > (lo + hi) / 2 else "left", fontsize=7, color="0.25")
+
+
 def fig_hops(sec: SectionData, path: Path) -> str | None:
     have = [v for v in sec.variants if any(r.get("hops") for r in sec.by_variant[v["name"]])]
     if not have:
@@ -626,7 +669,7 @@ def fig_hops(sec: SectionData, path: Path) -> str | None:
         per_loops = {}
         for r in recs:
             for row in r.get("hops") or []:
-                per_loops.setdefault(row["loops"], {}).setdefault(row["hops"], []).append(
+                per_loops.setdefault(row["num_loops"], {}).setdefault(row["hops"], []).append(
                     row["accuracy"])
                 floors[row["hops"]] = max(row["floors"].values())
                 if "trained_answer_accuracy" in row:
@@ -678,6 +721,24 @@ def fig_hops(sec: SectionData, path: Path) -> str | None:
 
 
 def _section_markdown(sec: SectionData, report_dir: Path) -> list:
+    """The Markdown of one section: setup, summary table, figures, samples and failures."""
+    lines = _section_header(sec)
+    if sec.is_task:
+        lines += [_floors_text(sec.floors), ""]
+    lines += _summary_table(sec)
+    lines += ["", "Wall time is the training loop only (not process start or post-training "
+              "evaluation). 'iters used, auto exit' is the mean number of loop iterations at the "
+              "model's own exit threshold, out of the trained count.", ""]
+    lines += _figures_markdown(sec, report_dir)
+    lines += _samples_markdown(sec)
+    lines += _failures_markdown(sec)
+    missing = [run["run_id"] for runs in sec.missing.values() for run in runs]
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)}.", ""]
+    return lines
+
+
+def _section_header(sec: SectionData) -> list:
     info = sec.info
     lines = [f"## Section `{sec.name}`", ""]
     if info.get("description"):
@@ -701,21 +762,20 @@ def _section_markdown(sec: SectionData, report_dir: Path) -> list:
     if added:
         lines.append("Plain references added by the runner: " + "; ".join(
             f"`{v['name']}` (for {', '.join(v['baseline_for'])})" for v in added) + ".")
-    lines.append("")
-    if sec.is_task:
-        lines += [_floors_text(sec.floors), ""]
-    lines += _summary_table(sec)
-    lines += ["", "Wall time is the training loop only (not process start or post-training "
-              "evaluation). 'iters used, auto exit' is the mean number of loop iterations at the "
-              "model's own exit threshold, out of the trained count.", ""]
+    return lines + [""]
+
+
+def _figures_markdown(sec: SectionData, report_dir: Path) -> list:
+    """Draws the section's figures into `report_dir`; each with how to read it."""
     figures = [("Validation curves", "training_curves", fig_training_curves),
                ("Test-time loop scaling", "loop_scaling", fig_loop_scaling),
                ("Automatic exit", "exit_sweep", fig_exit_sweep),
                ("Recurrence equivalence", "recurrence_equivalence", fig_equivalence)]
     if sec.is_task:
         figures.append(("Accuracy vs hops", "accuracy_vs_hops", fig_hops))
+    lines = []
     for title, stem, func in figures:
-        filename = f"{_file_stem(sec.name)}_{stem}.png"
+        filename = f"{safe_name(sec.name)}_{stem}.png"
         how = func(sec, report_dir / filename)
         extra = _equivalence_table(sec) if stem == "recurrence_equivalence" else []
         if how is None and not extra:
@@ -725,35 +785,64 @@ def _section_markdown(sec: SectionData, report_dir: Path) -> list:
             lines += [f"![{title}]({filename})", "", f"*How to read it:* {how}", ""]
         if extra:
             lines += extra + [""]
-    samples = [(v["name"], sec.by_variant[v["name"]][0]) for v in sec.variants
-               if sec.by_variant[v["name"]] and sec.by_variant[v["name"]][0].get("samples")]
-    if samples:
-        lines += ["### Samples", "", "Generated from a newline with temperature "
-                  f"{info['evaluation'].get('sample_temperature')}, first seed of each variant.",
-                  ""]
-        for name, rec in samples:
-            lines.append(f"**{_md(name)}** (seed {rec['seed']}):")
-            lines.append("")
-            for text in rec["samples"]:
-                lines += ["```text", text.replace("```", "'''"), "```", ""]
-    failures = [(name, rec) for name, recs in sec.failed.items() for rec in recs]
-    if failures:
-        lines += ["### Failed runs", ""]
-        for name, rec in failures:
-            error = (rec.get("error") or "unknown error").strip()
-            lines += [f"- **{_md(name)}**, seed {rec.get('seed')}: FAILED", "", "  ```text"]
-            lines += ["  " + line for line in error.splitlines()[-12:]]
-            lines += ["  ```", ""]
-    missing = [run["run_id"] for runs in sec.missing.values() for run in runs]
-    if missing:
-        lines += [f"Not run yet: {', '.join(missing)}.", ""]
     return lines
 
 
-def _file_stem(name: str) -> str:
-    from blockloop.experiment import safe_name
+def _samples_markdown(sec: SectionData) -> list:
+    samples = [(v["name"], sec.by_variant[v["name"]][0]) for v in sec.variants
+               if sec.by_variant[v["name"]] and sec.by_variant[v["name"]][0].get("samples")]
+    if not samples:
+        return []
+    lines = ["### Samples", "", "Generated from a newline with temperature "
+             f"{sec.info['evaluation'].get('sample_temperature')}, first seed of each variant.",
+             ""]
+    for name, rec in samples:
+        lines.append(f"**{_md(name)}** (seed {rec['seed']}):")
+        lines.append("")
+        for text in rec["samples"]:
+            lines += ["```text", text.replace("```", "'''"), "```", ""]
+    return lines
 
-    return safe_name(name)
+
+def _failures_markdown(sec: SectionData) -> list:
+    failures = [(name, rec) for name, recs in sec.failed.items() for rec in recs]
+    if not failures:
+        return []
+    lines = ["### Failed runs", ""]
+    for name, rec in failures:
+        error = (rec.get("error") or "unknown error").strip()
+        lines += [f"- **{_md(name)}**, seed {rec.get('seed')}: FAILED", "", "  ```text"]
+        lines += ["  " + line for line in error.splitlines()[-12:]]
+        lines += ["  ```", ""]
+    return lines
+
+
+def _code_lines(sections: list) -> list:
+    """Which code made the reported runs (`records.code_identity`), one line per identity; runs
+    made by other code than this report's (kept with --keep_other_code) are named."""
+    groups = {}
+    for sec in sections:
+        for recs in list(sec.by_variant.values()) + list(sec.failed.values()):
+            for rec in recs:
+                code = rec.get("code") if isinstance(rec.get("code"), dict) else {}
+                key = (code.get("source_sha256"), code.get("torch"), code.get("git_commit"))
+                groups.setdefault(key, []).append(rec["run_id"])
+    if not groups:
+        return []
+    lines = ["Code that made these runs:"]
+    for (source, torch_version, commit), run_ids in sorted(groups.items(), key=str):
+        what = (f"source `{source}`, torch {torch_version}, commit "
+                f"`{commit[:12] if commit else 'none'}`")
+        if source is None:
+            lines.append(f"- **{len(run_ids)} run(s) by unrecorded code** (results written "
+                         f"before runs recorded their code): {', '.join(sorted(run_ids))}")
+        elif same_code({"source_sha256": source, "torch": torch_version}):
+            lines.append(f"- {len(run_ids)} run(s) by this code ({what})")
+        else:
+            lines.append(f"- **{len(run_ids)} run(s) by other code** ({what}; this report's "
+                         f"code is `{code_identity()['source_sha256']}`): "
+                         f"{', '.join(sorted(run_ids))}")
+    return lines + [""]
 
 
 def write_report(out_dir, report_dir=None) -> Path:
@@ -780,6 +869,7 @@ def write_report(out_dir, report_dir=None) -> Path:
     if n_failed:
         lines.append(f"**{n_failed} run(s) failed**; see 'Failed runs' in their section.")
     lines.append("")
+    lines += _code_lines(sections)
     for sec in sections:
         lines += _section_markdown(sec, report_dir)
     path = report_dir / "report.md"

@@ -1,0 +1,299 @@
+"""Planning: from a parsed experiment to the list of runs, with the matched plain references.
+
+Each variant is resolved to a validated training config; keys the runner owns (`out_dir`,
+`seed`, `max_iters`, `lr_decay_iters`) are set per run, so every run of a seed sees the same
+training batches and every run sees the same evaluation batches. A FLOPs budget becomes
+iterations per variant: budget / (training FLOPs per token at the mean iteration count x tokens
+per iteration). A variant whose config is invalid becomes a planned failure with its error; the
+others still run.
+
+References. For every looped variant (`blockloop.looping.is_looped`) the planner adds the plain
+models it is compared with, unless a variant with the same resolved config already exists.
+They are listed in REFERENCES, kind -> a function from the looped variant's values and model
+config to the plain reference's values:
+
+- "param", *parameter-matched*: the same unique blocks, no loop;
+- "depth", *depth-matched*: as many unique blocks as the looped model's effective depth
+  (`blockloop.looping.effective_depth`).
+
+A new kind of reference (e.g. compute-matched) is one more function in REFERENCES; the report
+shows every reference a variant names, and compares against "param" and "depth".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blockloop.config import TrainConfig, all_keys, build_configs
+from blockloop.errors import ConfigError, ExperimentError
+from blockloop.experiment.files import RUNS_DIR, safe_name
+from blockloop.experiment.spec import Experiment, Section, Variant
+from blockloop.looping import effective_depth, is_looped
+from blockloop.model import GPT, LOOP_KEYS, GPTConfig
+from blockloop.tasks import task_from_config
+
+# Also set by the runner, but harmless to mention: post-training evaluation needs the final
+# model in last.pt, and a child's progress bar would only clutter its log file.
+RUNNER_FORCED = {"always_save_checkpoint": True, "progress": False}
+# Keys that only concern looping: a plain reference drops them (eval_loops is a training key).
+PLAIN_DROPPED_KEYS = LOOP_KEYS + ("eval_loops",)
+
+
+@dataclass
+class RunPlan:
+    """One run: a variant at a seed, where it lives, what it trains and how it is evaluated."""
+
+    run_id: str  # "<section>/<variant>-s<seed>", also its directory under runs/
+    section: str
+    variant: str
+    seed: int
+    role: str
+    run_dir: Path
+    values: dict  # flat config keys for build_configs, runner keys included
+    evaluation: dict
+    iters: int | None
+    flops_per_iter: float | None
+    spec_hash: str
+    error: str | None = None  # a planning failure: the run is recorded as failed, not started
+
+    def cost(self) -> float:
+        """Estimated work, for ordering and ETA: training FLOPs (iterations if unknown)."""
+        return (self.iters or 1) * (self.flops_per_iter or 1.0)
+
+    def record(self, experiment: str) -> dict:
+        """The fields every results.jsonl record of this run carries."""
+        return {"run_id": self.run_id, "experiment": experiment, "section": self.section,
+                "variant": self.variant, "seed": self.seed, "role": self.role,
+                "spec_hash": self.spec_hash}
+
+
+# ----------------------------------------------------------------------------------------------
+# The matched references
+
+
+def resolve(values: dict) -> tuple[TrainConfig, GPTConfig] | None:
+    """The training and model config that flat config `values` build (the vocabulary size a
+    placeholder), or None if the values are invalid."""
+    try:
+        train_cfg, model = build_configs(values)
+        return train_cfg, GPTConfig(block_size=train_cfg.block_size, **{"vocab_size": 1, **model})
+    except (ConfigError, ValueError, TypeError):
+        return None
+
+
+def model_config(values: dict) -> GPTConfig | None:
+    """The model config of `resolve(values)`, or None if the values are invalid."""
+    resolved = resolve(values)
+    return None if resolved is None else resolved[1]
+
+
+def plain_model(values: dict, n_layer: int) -> dict:
+    """`values` with looping off and `n_layer` unique blocks."""
+    out = {k: v for k, v in values.items() if k not in PLAIN_DROPPED_KEYS}
+    out["n_layer"] = n_layer
+    return out
+
+
+def parameter_matched(values: dict, config: GPTConfig) -> dict:
+    """The plain model with the looped model's unique blocks, run once each."""
+    return plain_model(values, config.n_layer)
+
+
+def depth_matched(values: dict, config: GPTConfig) -> dict:
+    """The plain model with as many unique blocks as the looped model applies per pass."""
+    return plain_model(values, effective_depth(config))
+
+
+REFERENCES = {"param": parameter_matched, "depth": depth_matched}
+
+
+def _canonical(values: dict) -> str | None:
+    """The resolved config as a string, with what cannot matter for a plain model removed; None
+    if the values are invalid. Two variants with the same canonical form are the same run."""
+    configs = resolve(values)
+    if configs is None:
+        return None
+    train_cfg, config = configs
+    resolved, tdict = config.to_dict(), train_cfg.to_dict()
+    if not is_looped(config):
+        defaults = all_keys()
+        for k in PLAIN_DROPPED_KEYS:
+            if k in resolved:
+                resolved[k] = defaults[k][1]
+        tdict["eval_loops"] = defaults["eval_loops"][1]
+    return json.dumps({"train": tdict, "model": resolved}, sort_keys=True)
+
+
+def add_baselines(section: Section) -> list:
+    """The section's variants plus, for each looped one, its REFERENCES (reusing an existing
+    variant with the same resolved config)."""
+    variants = [Variant(v.name, dict(v.values)) for v in section.variants]
+    if not section.baselines:
+        return variants
+    by_canonical = {}
+    for v in variants:
+        key = _canonical({**section.base, **v.values})
+        if key is not None:
+            by_canonical.setdefault(key, v)
+    names = {v.name for v in variants}
+    for v in list(variants):
+        full = {**section.base, **v.values}
+        config = model_config(full)
+        if config is None or not is_looped(config):
+            continue
+        for kind, reference in REFERENCES.items():
+            ref_values = reference(full, config)
+            key = _canonical(ref_values)
+            ref = by_canonical.get(key)
+            if ref is None:
+                ref = _new_baseline(section, ref_values, names)
+                variants.append(ref)
+                by_canonical[key] = ref
+            v.references[kind] = ref.name
+            if v.name not in ref.baseline_for:
+                ref.baseline_for.append(v.name)
+    return variants
+
+
+def _new_baseline(section: Section, ref_values: dict, names: set) -> Variant:
+    """A reference variant named plain_L<n_layer>, its overrides relative to the section base."""
+    overrides = {k: val for k, val in ref_values.items()
+                 if k not in section.base or section.base[k] != val}
+    defaults = all_keys()
+    for k in section.base:
+        if k not in ref_values:
+            # A looping key the section base sets: the reference has the config default.
+            overrides[k] = defaults[k][1]
+    name = f"plain_L{ref_values['n_layer']}"
+    while name in names:
+        name += "_ref"
+    names.add(name)
+    return Variant(name, overrides, role="baseline")
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets and run identity
+
+
+def _data_vocab_size(cfg: TrainConfig) -> int:
+    """The vocabulary size the run will use: the task's, or meta.json's for token data."""
+    if cfg.is_task:
+        return task_from_config(cfg.dataset, cfg.to_dict()).vocab_size
+    meta_path = cfg.resolved_data_dir() / "meta.json"
+    try:
+        return int(json.loads(meta_path.read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ExperimentError(
+            f"cannot read the vocabulary size from {meta_path} ({e}); prepare the data first, "
+            f"e.g. `blockloop prepare {cfg.dataset}`"
+        ) from None
+
+
+def _flops_per_iter(cfg: TrainConfig, model_overrides: dict) -> float:
+    """Training FLOPs of one iteration at the mean iteration count, as train.py counts them."""
+    kwargs = dict(model_overrides)
+    kwargs.setdefault("vocab_size", _data_vocab_size(cfg))
+    config = GPTConfig(block_size=cfg.block_size, **kwargs)
+    # On the meta device no memory is allocated, so sizing a large model costs nothing.
+    with torch.device("meta"):
+        model = GPT(config)
+    # Every loop_sampling mode has mean max_loops (blockloop.looping.sample_num_loops).
+    tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    return model.flops_per_token(config.max_loops) * tokens
+
+
+def _budget_iters(section: Section, full: dict) -> tuple[int | None, float | None, str | None]:
+    """(iterations, training FLOPs per iteration, planning error) of a variant's values."""
+    iters, fpi = None, None
+    try:
+        train_cfg, model_overrides = build_configs({**full, "max_iters": 1, "lr_decay_iters": 1})
+        try:
+            fpi = _flops_per_iter(train_cfg, model_overrides)
+        except ExperimentError:
+            if "flops" in section.budget:
+                raise
+        if "iters" in section.budget:
+            iters = section.budget["iters"]
+        else:
+            iters = max(1, round(section.budget["flops"] / fpi))
+    except (ConfigError, ExperimentError, ValueError) as e:
+        return iters, fpi, f"{type(e).__name__}: {e}"
+    return iters, fpi, None
+
+
+def _spec_hash(values: dict, evaluation: dict) -> str:
+    """Identity of a run's result: what it trains and how it is evaluated (not where it lives)."""
+    relevant = {k: v for k, v in values.items() if k not in ("out_dir", "threads", "progress")}
+    blob = json.dumps({"values": relevant, "evaluation": evaluation}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan_experiment(exp: Experiment, out_dir: Path, threads: int = 1) -> tuple[list, dict]:
+    """All runs of the experiment, and a JSON-able description of the plan for the report."""
+    runs, sections_info = [], []
+    for section in exp.sections:
+        sec_info = {
+            "name": section.name, "description": section.description,
+            "budget": section.budget, "seeds": section.seeds, "evaluation": section.evaluation,
+            "base": section.base, "variants": [],
+        }
+        for v in add_baselines(section):
+            v_info, v_runs = _plan_variant(exp, section, v, Path(out_dir), threads)
+            sec_info["variants"].append(v_info)
+            runs += v_runs
+        sections_info.append(sec_info)
+    info = {
+        "name": exp.name, "description": exp.description, "file": exp.path,
+        "sections": sections_info,
+        # The report matches results.jsonl records against these, so a stale record (same run
+        # id, different config) is never reported as the current result.
+        "runs": [{"run_id": r.run_id, "section": r.section, "variant": r.variant,
+                  "seed": r.seed, "spec_hash": r.spec_hash} for r in runs],
+    }
+    return runs, info
+
+
+def _plan_variant(exp: Experiment, section: Section, v: Variant, out_dir: Path,
+                  threads: int) -> tuple[dict, list]:
+    """The plan's description of variant `v` and its runs, one per seed."""
+    full = {**section.base, **v.values}
+    config = model_config(full)
+    iters, fpi, error = _budget_iters(section, full)
+    v_info = {
+        "name": v.name, "role": v.role, "overrides": v.values, "references": v.references,
+        "baseline_for": v.baseline_for, "looped": config is not None and is_looped(config),
+        "error": error, "iters": iters, "flops_per_iter": fpi,
+    }
+    runs_root = out_dir / RUNS_DIR
+    runs = []
+    for seed in section.seeds:
+        run_id = f"{safe_name(section.name)}/{safe_name(v.name)}-s{seed}"
+        run_dir = runs_root / run_id
+        if not _inside(run_dir, runs_root):
+            raise ExperimentError(f"run directory {run_dir} would leave {runs_root}")
+        values = {
+            **full, **RUNNER_FORCED,
+            "out_dir": str(run_dir), "seed": seed,
+            "max_iters": iters or 1, "lr_decay_iters": iters or 1,
+        }
+        values.setdefault("threads", threads)
+        values.setdefault("wandb_run_name", f"{exp.name}/{run_id}")
+        runs.append(RunPlan(
+            run_id=run_id, section=section.name, variant=v.name, seed=seed, role=v.role,
+            run_dir=run_dir, values=values, evaluation=section.evaluation, iters=iters,
+            flops_per_iter=fpi, spec_hash=_spec_hash(values, section.evaluation), error=error,
+        ))
+    return v_info, runs
