@@ -208,10 +208,17 @@ def pca_trajectories(states, n_components: int = 2) -> dict:
     `projections` (T+1, n, k), `components` (k, C) and `explained_variance_ratio` (k,), numpy.
     """
     s = torch.as_tensor(states).detach().to(device="cpu", dtype=torch.float64)
-    rows = s.reshape(-1, s.shape[-1])
+    # A diverged trajectory (NaN/inf, or values whose covariance overflows) has no principal
+    # axes: the axes are fitted on the finite iterations, the others project to NaN.
+    finite = torch.isfinite(s).flatten(1).all(dim=1)
+    rows = s[finite].reshape(-1, s.shape[-1])
     mean = rows.mean(dim=0)
     centred = rows - mean
     cov = centred.T @ centred / max(rows.shape[0] - 1, 1)
+    if rows.shape[0] == 0 or not bool(torch.isfinite(cov).all()):
+        nan = np.full((s.shape[0], s.shape[1], n_components), np.nan)
+        return {"projections": nan, "components": np.full((n_components, s.shape[-1]), np.nan),
+                "explained_variance_ratio": np.full(n_components, np.nan)}
     eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(eigvals, descending=True)[:n_components]
     comps = eigvecs[:, order].T
@@ -221,6 +228,7 @@ def pca_trajectories(states, n_components: int = 2) -> dict:
     total = eigvals.clamp_min(0).sum()
     ratio = eigvals[order].clamp_min(0) / total if total > 0 else torch.zeros(len(order))
     proj = (s - mean) @ comps.T
+    proj[~finite] = float("nan")
     return {
         "projections": proj.numpy(),
         "components": comps.numpy(),
@@ -612,7 +620,8 @@ def _plot_logit_lens(res, path):
                 label=f"{_unit_label(unit)}: rest of model runs")
         ax.plot(t, _nan(unit["logit_lens_direct_loss"]), "x--", color=f"C{k}",
                 label=f"{_unit_label(unit)}: direct (ln_f + head)")
-    ax.axhline(res["model_loss"], color="gray", ls=":", label="model loss")
+    if res["model_loss"] is not None:  # None: the model's own loss diverged (non-finite)
+        ax.axhline(res["model_loss"], color="gray", ls=":", label="model loss")
     _finish(fig, ax, path, xlabel="iteration t (0 = loop skipped)", ylabel="validation loss",
             title="Logit lens: loss if the loop stopped at t")
 
@@ -735,8 +744,13 @@ _PLOTTERS = {
 }
 
 
-def _fmt(v, spec=".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
+def _fmt(v, spec=".4f", missing="n/a") -> str:
+    return missing if v is None else format(v, spec)
+
+
+def _loss(v) -> str:
+    """A loss for the report; None in the result means it was not finite: the run diverged."""
+    return _fmt(v, missing="diverged (non-finite)")
 
 
 def _markdown(res: dict, header: dict) -> str:
@@ -748,9 +762,9 @@ def _markdown(res: dict, header: dict) -> str:
         f"({'tied' if res['tied_looping'] else 'untied'}), trained with {res['trained_loops']} "
         f"iterations, analysed at {res['num_loops']}",
         f"- {res['batches']} validation batches of shape {res['tokens_per_batch']}; "
-        f"model loss {_fmt(res['model_loss'])}",
+        f"model loss {_loss(res['model_loss'])}",
         f"- automatic exit at threshold {res['exit']['threshold']:g}: loss "
-        f"{_fmt(res['exit']['loss'])} with {res['exit']['mean_iterations']:.2f} mean iterations",
+        f"{_loss(res['exit']['loss'])} with {res['exit']['mean_iterations']:.2f} mean iterations",
         "",
         "All numbers are in `analysis.json`.",
         "",
@@ -760,13 +774,13 @@ def _markdown(res: dict, header: dict) -> str:
         "|---:|---:|---:|",
     ]
     lines += [
-        f"| {p['num_loops']} | {_fmt(p['loss'])} | {_fmt(p['accuracy'])} |"
+        f"| {p['num_loops']} | {_loss(p['loss'])} | {_fmt(p['accuracy'])} |"
         for p in res["loop_scaling"]
     ]
     lines += ["", "## Exit threshold sweep", "", "| threshold | mean iterations | loss |",
               "|---:|---:|---:|"]
     lines += [
-        f"| {p['threshold']:g} | {p['mean_iterations']:.2f} | {_fmt(p['loss'])} |"
+        f"| {p['threshold']:g} | {p['mean_iterations']:.2f} | {_loss(p['loss'])} |"
         for p in res["exit_sweep"]
     ]
     lines += ["", "## Figures", ""]
@@ -827,9 +841,11 @@ def _train_config(payload: dict, batches: int, data_dir: str | None) -> TrainCon
     return cfg
 
 
-def _validation_data(cfg: TrainConfig, batches: int):
-    """The first `batches` fixed validation batches of the run's data, and a token namer."""
+def _validation_data(cfg: TrainConfig, batches: int, checkpoint_meta: dict):
+    """The first `batches` fixed validation batches of the run's data, and a token namer.
+    Raises DataError if the data no longer decodes like the data the model was trained on."""
     data = TrainingData(cfg)
+    data.check_trained_on(checkpoint_meta)
     val = data.eval_batches("val")[:batches]
     itos = data.meta.get("tokenizer", {}).get("itos")
     namer = (lambda i: repr(itos[i]) if i < len(itos) else str(i)) if itos else None
@@ -838,14 +854,12 @@ def _validation_data(cfg: TrainConfig, batches: int):
 
 def _run_dtype(cfg: TrainConfig, device: str) -> str:
     """The run's compute dtype on `device` (`runtime.resolve_dtype`), so analysis matches
-    training. Raises AnalysisError where this device cannot run it (float16 on the CPU)."""
+    training; float32 where the device cannot run it (float16 on the CPU), as recorded in the
+    result's `dtype`."""
     try:
         return resolve_dtype(cfg.dtype, device)
-    except ConfigError as e:
-        raise AnalysisError(
-            f"the run trained with dtype={cfg.dtype!r} and {one_line(e)}; analyse it on the "
-            f"device it trained on (--device=cuda)"
-        ) from None
+    except ConfigError:
+        return "float32"
 
 
 def analyze_checkpoint(
@@ -876,7 +890,7 @@ def analyze_checkpoint(
         _check_loops(model.config, num_loops)
     cfg = _train_config(payload, batches, data_dir)
     dtype = _run_dtype(cfg, device)
-    val, namer = _validation_data(cfg, batches)
+    val, namer = _validation_data(cfg, batches, payload.get("meta") or {})
     result = analyze_model(
         model, val, num_loops=num_loops, device=device, ctx=autocast_context(device, dtype),
         thresholds=thresholds, token_labels=namer,
@@ -955,9 +969,12 @@ def main(argv: list[str] | None = None) -> int:
     except BlockloopError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # e.g. --report_dir names a file; the message names the path
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     print(
         f"analysed {result['checkpoint']} at {result['num_loops']} iterations: model loss "
-        f"{result['model_loss']:.4f}; report in {result['report']['markdown']}"
+        f"{_loss(result['model_loss'])}; report in {result['report']['markdown']}"
     )
     return 0
 

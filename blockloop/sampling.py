@@ -46,6 +46,7 @@ have exited, the remaining iterations run on the active rows only), each layer's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -54,12 +55,16 @@ from pathlib import Path
 import torch
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
-from blockloop.errors import BlockloopError, SampleError, one_line
+from blockloop.errors import BlockloopError, DivergedError, SampleError, one_line
 from blockloop.evaluation import mean_iterations
 from blockloop.looping import check_num_loops
-from blockloop.model import GPT, sample_next_token
+from blockloop.model import GPT, check_sampling_options, sample_next_token
 from blockloop.runtime import resolve_device
-from blockloop.tokenizers import TokenizerUnavailableError, tokenizer_from_meta
+from blockloop.tokenizers import (
+    TokenizerUnavailableError,
+    check_same_tokenizer,
+    tokenizer_from_meta,
+)
 
 # nanoGPT's sample.py separates samples with this line.
 SAMPLE_SEPARATOR = "---------------"
@@ -287,7 +292,8 @@ class _Counter:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - self.start
-        per_step = (lambda total: total / self.steps) if self.steps else (lambda _: float("nan"))
+        # No token, no per-token figure (None, not NaN: nothing was measured).
+        per_step = (lambda total: total / self.steps) if self.steps else (lambda _: None)
         return {
             "tokens": self.steps,
             "cached_steps": self.cached_steps,
@@ -314,8 +320,14 @@ def generate(
     *,
     num_loops: int | None = None,
     refill_keep: int | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Append `max_new_tokens` sampled tokens to `idx` (B, T); returns (tokens, stats).
+
+    Sampling options are `sample_next_token`'s (temperature 0 greedy, top_k None or 0 = all,
+    ids >= `vocab_limit` never drawn: pass the tokenizer's size for a padded vocabulary).
+    Raises ValueError for bad options and DivergedError (a FloatingPointError) naming the
+    token, looped unit and iteration where the loop state stopped being finite.
 
     `use_cache=False` recomputes the whole (cropped) context for every token, as nanoGPT's
     `GPT.generate` does. Both paths draw with `sample_next_token`, so with the same generator
@@ -338,14 +350,17 @@ def generate(
         raise ValueError(
             "adaptive exit is per token and needs the KV cache; drop use_cache=False (--no_cache)"
         )
+    check_sampling_options(temperature, top_k)
+    draw = functools.partial(_draw, model, temperature=temperature, top_k=top_k,
+                             generator=generator, vocab_limit=vocab_limit)
     if not use_cache:
-        return _generate_uncached(model, idx, max_new_tokens, temperature, top_k, generator, num_loops)
+        return _generate_uncached(model, idx, max_new_tokens, draw, num_loops)
     decoder = _Decoder(model, idx.shape[0], num_loops, adaptive_exit, exit_threshold, refill_keep)
     if max_new_tokens == 0:
         return idx, decoder.stats.summary(idx.device)
     logits = decoder.prefill(idx)
     for n in range(max_new_tokens):
-        idx_next = sample_next_token(logits, temperature, top_k, generator)
+        idx_next = draw(logits, n)
         idx = torch.cat((idx, idx_next), dim=1)
         # The last token's own successor is never needed, so its forward is skipped.
         if n + 1 < max_new_tokens:
@@ -353,14 +368,32 @@ def generate(
     return idx, decoder.stats.summary(idx.device)
 
 
-def _generate_uncached(model, idx, max_new_tokens, temperature, top_k, generator, num_loops):
+def _draw(model, logits, n, **options):
+    """`sample_next_token` for the `n`-th new token; non-finite logits become a DivergedError
+    that says where the loop broke (`LoopRunner.nonfinite_onset`)."""
+    try:
+        return sample_next_token(logits, **options)
+    except FloatingPointError:
+        onset = None if model.looper is None else model.looper.nonfinite_onset()
+        where = "" if onset is None else (
+            f"; the loop state first held NaN or infinity at iteration {onset[1]} of looped "
+            f"unit {onset[0]}"
+        )
+        raise DivergedError(
+            f"the logits of generated token {n + 1} are not finite{where}; the model was "
+            f"trained with max_loops={model.config.max_loops}: run fewer iterations "
+            f"(--num_loops)"
+        ) from None
+
+
+def _generate_uncached(model, idx, max_new_tokens, draw, num_loops):
     block_size = model.config.block_size
     loops = 1 if model.loop_plan is None else (model.config.max_loops if num_loops is None else num_loops)
     stats = _Counter(model, loops)
-    for _ in range(max_new_tokens):
+    for n in range(max_new_tokens):
         logits, _ = model(idx[:, -block_size:], num_loops=num_loops, loop_exit=False)
         stats.count(model.last_loop_iterations, full=True)
-        idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+        idx_next = draw(logits[:, -1, :], n)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx, stats.summary(idx.device)
 
@@ -451,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute the whole context per token, nanoGPT's way (default: False)",
     )
     p.add_argument(
+        "--data_dir", default=None,
+        help="the data directory the model was trained on, only for checkpoints written before "
+        "checkpoints carried their tokenizer (default: the run's)",
+    )
+    p.add_argument(
         "--refill_keep", type=int, default=None,
         help="tokens re-prefilled when the context outgrows block_size "
         "(default: None = block_size, exact; smaller is faster)",
@@ -481,24 +519,40 @@ class _IdCodec:
         return " ".join(str(int(i)) for i in ids)
 
 
-def _tokenizer(meta: dict, vocab_size: int):
+def _data_meta(path: Path) -> dict | None:
+    """meta.json at `path` as a dict; None if absent; SampleError if unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise SampleError(f"tokenizer meta {path} is unreadable: {one_line(e)}") from None
+
+
+def _tokenizer(meta: dict, vocab_size: int, data_dir: str | None = None):
+    """The tokenizer the checkpoint was trained with: its own copy (written since checkpoints
+    carry it), else the data directory's meta.json (`data_dir`, default the run's). A data
+    directory whose meta.json no longer matches the checkpoint is named on stderr and not used."""
     if meta.get("task"):
         return _IdCodec(vocab_size)
+    where = data_dir or meta.get("data_dir")
+    current = _data_meta(Path(where) / "meta.json") if where else None
     if "tokenizer" in meta:
         spec = meta
-    elif "data_dir" in meta:
-        path = Path(meta["data_dir"]) / "meta.json"
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SampleError(
-                f"tokenizer meta missing: {path} not found (the checkpoint's data dir); "
-                f"prepare the dataset again with `blockloop prepare`"
-            ) from None
-        except (OSError, ValueError) as e:
-            raise SampleError(f"tokenizer meta {path} is unreadable: {e}") from None
+            check_same_tokenizer(meta, current or meta, Path(str(where)) / "meta.json")
+        except ValueError as e:
+            print(f"note: {one_line(e)}; decoding with the checkpoint's own vocabulary",
+                  file=sys.stderr)
+    elif current is not None:
+        spec = current
     else:
-        raise SampleError("tokenizer meta missing: the checkpoint's meta names no data_dir or tokenizer")
+        raise SampleError(
+            "tokenizer meta missing: this checkpoint does not carry its tokenizer and no "
+            "meta.json was found"
+            + (f" at {Path(where) / 'meta.json'}" if where else "")
+            + "; pass --data_dir=<the data directory it was trained on>"
+        )
     try:
         return tokenizer_from_meta(spec)
     except (ValueError, TokenizerUnavailableError) as e:
@@ -510,8 +564,10 @@ def _check_args(args) -> None:
         raise SampleError(f"--num_samples={args.num_samples}: must be >= 1")
     if args.max_new_tokens < 0:
         raise SampleError(f"--max_new_tokens={args.max_new_tokens}: must be >= 0")
-    if args.top_k is not None and args.top_k < 0:
-        raise SampleError(f"--top_k={args.top_k}: must be >= 0 (0 = no top-k)")
+    try:
+        check_sampling_options(args.temperature, args.top_k)
+    except ValueError as e:
+        raise SampleError(f"--{e}") from None
     if args.exit_threshold is not None and not args.exit_threshold >= 0:
         raise SampleError(f"--exit_threshold={args.exit_threshold}: must be >= 0")
     if args.adaptive_exit and args.no_cache:
@@ -538,6 +594,11 @@ def _prompt_ids(start: str, tokenizer) -> list[int]:
             start = Path(start[5:]).read_text(encoding="utf-8")
         except OSError as e:
             raise SampleError(f"--start: cannot read {start[5:]}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise SampleError(
+                f"--start: {start[5:]} is not UTF-8 text (byte {e.start}); save the prompt as "
+                f"UTF-8"
+            ) from None
     try:
         ids = tokenizer.encode(start)
     except ValueError as e:
@@ -555,7 +616,7 @@ def _sample(args) -> None:
     device = resolve_device(args.device)
     model, payload = load_model(find_run_checkpoint(args.out_dir), device)
     _check_model_args(args, model)
-    tokenizer = _tokenizer(payload.get("meta") or {}, model.config.vocab_size)
+    tokenizer = _tokenizer(payload.get("meta") or {}, model.config.vocab_size, args.data_dir)
     ids = _prompt_ids(args.start, tokenizer)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -572,15 +633,22 @@ def _sample(args) -> None:
             exit_threshold=args.exit_threshold,
             num_loops=args.num_loops,
             refill_keep=args.refill_keep,
+            vocab_limit=tokenizer.vocab_size,
         )
         print(tokenizer.decode(y[0].tolist()))
         print(SAMPLE_SEPARATOR, flush=True)
-        print(
-            f"sample {n + 1}/{args.num_samples}: {stats['tokens']} tokens, "
-            f"{stats['tokens_per_second']:.1f} tokens/s, mean loop iterations "
-            f"{stats['mean_iterations']:.2f} of {stats['num_loops']}",
-            file=sys.stderr,
+        print(_stats_line(n, args.num_samples, stats), file=sys.stderr)
+
+
+def _stats_line(n: int, total: int, stats: dict) -> str:
+    """The stderr line after sample `n`: tokens, speed and mean loop iterations."""
+    line = f"sample {n + 1}/{total}: {stats['tokens']} tokens"
+    if stats["tokens"]:
+        line += (
+            f", {stats['tokens_per_second']:.1f} tokens/s, mean loop iterations "
+            f"{stats['mean_iterations']:.2f} of {stats['num_loops']}"
         )
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,14 @@ from blockloop.config import (
     save_resolved_config,
 )
 from blockloop.data import TokenDataset
-from blockloop.errors import BlockloopError, CheckpointError, ConfigError, DivergedError, one_line
+from blockloop.errors import (
+    BlockloopError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DivergedError,
+    one_line,
+)
 from blockloop.evaluation import evaluate
 from blockloop.looping import check_num_loops, is_looped, may_skip_gradients, sample_num_loops
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
@@ -99,6 +106,16 @@ class TrainingData:
             self.dataset.check_block_size(cfg.block_size)
             self.vocab_size = self.dataset.vocab_size
             self.meta = self.dataset.meta
+
+    def check_trained_on(self, checkpoint_meta: dict) -> None:
+        """Raise DataError naming meta.json if this token data decodes ids differently from
+        the data a checkpoint (its `meta` entry) was trained on; tasks have nothing to check."""
+        if self.task is not None:
+            return
+        try:
+            check_same_tokenizer(checkpoint_meta, self.meta, self.dataset.data_dir / "meta.json")
+        except ValueError as e:
+            raise DataError(str(e)) from None
 
     def train_batch(self, step: int, micro_step: int, rank: int = 0):
         """The (x, y) micro-batch `micro_step` of training step `step`."""
@@ -412,12 +429,7 @@ def build_or_resume_model(
     Raises ConfigError for sizes that do not fit the data or the machine."""
     if cfg.init_from == "resume":
         start = resume(cfg, model_overrides, out_dir, device, log)
-        if data.task is None:
-            try:
-                check_same_tokenizer(start.checkpoint.get("meta") or {}, data.meta,
-                                     data.dataset.data_dir / "meta.json")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        data.check_trained_on(start.checkpoint.get("meta") or {})
     elif cfg.init_from == "scratch":
         model_config = build_model(cfg, model_overrides, data.vocab_size)
         check_memory(cfg, model_config, device)
@@ -475,6 +487,13 @@ def resume(cfg: TrainConfig, model_overrides: dict, out_dir: Path, device: str, 
             f"checkpoint being resumed, {used} "
             f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); "
             f"a resumed run keeps its model, so drop these flags or start a new out_dir"
+        )
+    if cfg.block_size != model.config.block_size:
+        # The optimizer's moments for the position embeddings have the checkpoint's length.
+        raise ConfigError(
+            f"block_size={cfg.block_size} differs from the checkpoint being resumed, {used} "
+            f"(block_size={model.config.block_size}); a resumed run keeps its model, so drop "
+            f"the flag or start a new out_dir"
         )
     log(f"resuming from {used} at iteration {start.iter_num}")
     check_memory(cfg, model.config, device)

@@ -110,9 +110,10 @@ def post_evaluate(cfg: TrainConfig, evaluation: dict, log=print) -> dict:
     """
     device = resolve_device(cfg.device)
     ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
-    model, _ = load_model(Path(cfg.out_dir) / LAST_CKPT, device)
+    model, payload = load_model(Path(cfg.out_dir) / LAST_CKPT, device)
     config = model.config
     data = TrainingData(cfg)
+    data.check_trained_on(payload.get("meta") or {})
     out = {
         "vocab_size": data.vocab_size,
         "n_params": model.get_num_params(),
@@ -127,7 +128,7 @@ def post_evaluate(cfg: TrainConfig, evaluation: dict, log=print) -> dict:
     if data.task is not None:
         out.update(_hop_evaluation(model, data, evaluation, cfg.batch_size, device=device, ctx=ctx))
     elif evaluation["samples"] > 0:
-        out["samples"] = _samples(model, data, evaluation, device, ctx)
+        out["samples"] = _samples(model, payload.get("meta") or data.meta, evaluation, device, ctx)
     return out
 
 
@@ -180,9 +181,10 @@ def _hop_evaluation(model, data: TrainingData, evaluation: dict, batch_size: int
     return {"floors": baseline_floors(task, x, y), "trained_hops": trained_hops, "hops": rows}
 
 
-def _samples(model, data: TrainingData, evaluation: dict, device: str, ctx) -> list:
-    """Texts generated from a newline, reproducible per run (SAMPLE_SEED)."""
-    tokenizer = tokenizer_from_meta(data.meta)
+def _samples(model, meta: dict, evaluation: dict, device: str, ctx) -> list:
+    """Texts generated from a newline, reproducible per run (SAMPLE_SEED), decoded with the
+    tokenizer in `meta` (the checkpoint's, which carries it)."""
+    tokenizer = tokenizer_from_meta(meta)
     try:
         start = tokenizer.encode("\n")
     except ValueError:
@@ -193,6 +195,7 @@ def _samples(model, data: TrainingData, evaluation: dict, device: str, ctx) -> l
         idx = torch.tensor([start], dtype=torch.long, device=device)
         with torch.no_grad(), ctx:
             ids, _ = generate(model, idx, evaluation["sample_tokens"],
-                              temperature=evaluation["sample_temperature"], generator=gen)
+                              temperature=evaluation["sample_temperature"], generator=gen,
+                              vocab_limit=tokenizer.vocab_size)
         samples.append(tokenizer.decode(ids[0, len(start):].tolist()))
     return samples
