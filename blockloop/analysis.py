@@ -53,7 +53,7 @@ from matplotlib.figure import Figure
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
 from blockloop.config import TrainConfig
-from blockloop.errors import AnalysisError, BlockloopError, ConfigError, one_line
+from blockloop.errors import AnalysisError, ConfigError, run_command
 from blockloop.evaluation import eval_mode, evaluate, exit_sweep, loop_scaling
 from blockloop.looping import check_num_loops, is_looped, scaling_loop_counts
 from blockloop.model import GPT, GPTConfig
@@ -961,17 +961,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
         return int(e.code or 0)
-    try:
-        result = analyze_checkpoint(
-            args.out_dir, args.report_dir, args.num_loops, args.batches, args.device,
-            checkpoint=args.checkpoint, data_dir=args.data_dir, thresholds=args.thresholds,
-        )
-    except BlockloopError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # e.g. --report_dir names a file; the message names the path
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _analyze_command(args))
+
+
+def _analyze_command(args) -> int:
+    result = analyze_checkpoint(
+        args.out_dir, args.report_dir, args.num_loops, args.batches, args.device,
+        checkpoint=args.checkpoint, data_dir=args.data_dir, thresholds=args.thresholds,
+    )
     print(
         f"analysed {result['checkpoint']} at {result['num_loops']} iterations: model loss "
         f"{_loss(result['model_loss'])}; report in {result['report']['markdown']}"

@@ -8,6 +8,9 @@ built-in error a caller would expect (`ValueError` for bad values, `RuntimeError
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class BlockloopError(Exception):
     """Base of the user-fixable errors; `exit_code` is what a command exits with (2: bad input)."""
@@ -59,3 +62,17 @@ class DivergedError(BlockloopError, FloatingPointError):
 def one_line(error: BaseException) -> str:
     """The error's message folded onto one line, as commands print it after `error: `."""
     return " ".join(str(error).split())
+
+
+def run_command(work: Callable[[], int | None]) -> int:
+    """Run a command's `work` and return its exit code (None counts as 0). What the user can
+    fix becomes one `error: ...` line on stderr instead of a traceback: a BlockloopError with
+    its `exit_code`, an OSError (its message names the path) with 2, and a FloatingPointError
+    (a diverged computation) with 3."""
+    try:
+        return work() or 0
+    except (BlockloopError, OSError, FloatingPointError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        if isinstance(e, BlockloopError):
+            return e.exit_code
+        return 3 if isinstance(e, FloatingPointError) else 2

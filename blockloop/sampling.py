@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
-from blockloop.errors import BlockloopError, DivergedError, SampleError, one_line
+from blockloop.errors import DivergedError, SampleError, one_line, run_command
 from blockloop.evaluation import mean_iterations
 from blockloop.looping import check_num_loops
 from blockloop.model import GPT, check_sampling_options, sample_next_token
@@ -659,13 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return int(e.code or 0)
-    try:
-        with torch.no_grad():
-            _sample(args)
-    except BlockloopError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    with torch.no_grad():
+        return run_command(lambda: _sample(args))
 
 
 if __name__ == "__main__":

@@ -44,12 +44,11 @@ from blockloop.config import (
 )
 from blockloop.data import TokenDataset
 from blockloop.errors import (
-    BlockloopError,
     CheckpointError,
     ConfigError,
     DataError,
     DivergedError,
-    one_line,
+    run_command,
 )
 from blockloop.evaluation import evaluate
 from blockloop.looping import check_num_loops, is_looped, may_skip_gradients, sample_num_loops
@@ -925,20 +924,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: blockloop train [CONFIG_FILE ...] [--key=value ...]\n")
         print(help_text())
         return 0
-    try:
-        cfg, model_overrides = parse_train_args(argv)
-        result = train(cfg, model_overrides)
-    except BlockloopError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    # OSError: an unreadable file or directory, a full disk outside checkpoints; its message
-    # names the path, which is all the user needs (a traceback would bury it).
-    except OSError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 3
+    return run_command(lambda: _train_command(argv))
+
+
+def _train_command(argv: list[str]) -> int:
+    cfg, model_overrides = parse_train_args(argv)
+    result = train(cfg, model_overrides)
     if result.stopped_by is None and int(os.environ.get("RANK", 0)) == 0:
         print(f"done: best val loss {result.best_val_loss:.4f}; checkpoints in {result.out_dir}")
     return 0

@@ -7,7 +7,6 @@ traceback. A test checks that the table names every option of every command, so 
 cannot be added without its hostile values.
 """
 
-import json
 
 import pytest
 

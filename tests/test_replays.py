@@ -6,9 +6,7 @@ a new command destroying a run's history; command lines ending in a traceback.
 """
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -210,3 +210,19 @@ def test_results_with_the_old_row_keys_are_still_drawn(synthetic):
     assert "at most 8 iterations" in new  # the exit sweep's cap, read from "max_loops"
     written = {p.name for p in (out / "report").glob("*.png")}
     assert {"lm_loop_scaling.png", "task_accuracy_vs_hops.png", "lm_exit_sweep.png"} <= written
+
+
+def test_diverged_loop_scaling_points_are_marked(synthetic):
+    # A loop-scaling loss that was not finite is stored as None; the figure marks it instead of
+    # dropping it silently, and its caption says so.
+    out, _ = synthetic
+    lines = []
+    for line in (out / RESULTS_FILE).read_text().splitlines():
+        rec = json.loads(line)
+        for row in rec.get("loop_scaling") or []:
+            if row["num_loops"] == 16 and "loss" in row:
+                row["loss"] = None
+        lines.append(json.dumps(rec))
+    (out / RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    text = write_report(out).read_text()
+    assert "diverged (non-finite loss)" in text

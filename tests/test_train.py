@@ -4,7 +4,6 @@ import copy
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from blockloop.model import GPT, GPTConfig
 from blockloop.pretrained import from_nanogpt_checkpoint
 from blockloop.records import code_identity
 from blockloop.runtime import mix_seed
-from blockloop.train import get_lr, setup, train, train_step
+from blockloop.train import get_lr, setup, train_step
 from tests import reference
 from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from blockloop.errors import BlockloopError, ExperimentError, one_line
+from blockloop.errors import ExperimentError, one_line, run_command
 from blockloop.experiment.files import PLAN_FILE, safe_name
 from blockloop.experiment.report import write_report
 from blockloop.experiment.runner import cpu_count, run_experiment
@@ -70,15 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if jobs < 1:
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2
-    try:
-        summary = run_experiment(exp, out_dir, jobs, force=args.force,
-                                 keep_other_code=args.keep_other_code)
-    except BlockloopError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # e.g. --out names a file; the message names the path
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _run(exp, out_dir, jobs, args))
+
+
+def _run(exp, out_dir: Path, jobs: int, args) -> int:
+    summary = run_experiment(exp, out_dir, jobs, force=args.force,
+                             keep_other_code=args.keep_other_code)
     if summary["interrupted"]:
         return 130
     return 1 if summary["failed"] else 0

@@ -490,6 +490,21 @@ def _mean_series(recs, key, xkey, ykey):
             np.array([np.min(table[x]) for x in xs]), np.array([np.max(table[x]) for x in xs]))
 
 
+def _diverged_counts(recs, ykey) -> list:
+    """Iteration counts at which some run's loop-scaling value is None (non-finite: diverged)."""
+    return sorted({row["num_loops"] for r in recs for row in r.get("loop_scaling") or []
+                   if row.get(ykey) is None})
+
+
+def _mark_diverged(ax, recs, ykey, top, color) -> None:
+    """Counts where a run diverged, as crosses along the top edge (they have no value)."""
+    xs = _diverged_counts(recs, ykey)
+    if xs:
+        y = top if top else ax.get_ylim()[1]
+        ax.plot(xs, [y] * len(xs), marker="X", markersize=9, color=color, linestyle="none",
+                label="diverged (non-finite)")
+
+
 def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
     looped = sec.looped()
     if not looped:
@@ -510,6 +525,7 @@ def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
         if len(recs) > 1:
             ax.fill_between(xs, _clip(lo, top)[0], _clip(hi, top)[0], color=color, alpha=0.15,
                             linewidth=0)
+        _mark_diverged(ax, recs, ykey, top, color)
         trained = recs[0].get("max_loops")
         if trained in xs:
             y = mean[list(xs).index(trained)]
@@ -527,6 +543,8 @@ def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
             sec.metric_label, "Test-time loop scaling")
     clip = (f" Losses above ln(vocab) + {LOSS_CLIP_MARGIN} (worse than uniform guessing) are "
             f"drawn at the top edge as hollow triangles." if top else "")
+    clip += (" Crosses on the top edge mark counts where a run diverged (non-finite loss)."
+             if any(_diverged_counts(sec.by_variant[v["name"]], ykey) for v in looped) else "")
     return ("Each looped variant evaluated with the looped blocks run a fixed number of times "
             "(no automatic exit), from 1 to well beyond the count it was trained with (the star). "
             "Dotted horizontal lines are the plain references. A curve that keeps improving, or "
