@@ -277,19 +277,10 @@ def _loss_after_unit(model: GPT, unit_index: int, x, targets, num_loops: int) ->
     """The loss if looped unit `unit_index` had output `x`: the later units (looping
     `num_loops` times, no automatic exit), the blocks after the loop, then the head.
 
-    The later units run through the loop runner's own per-unit step so that injection, adapters
-    and noise follow the model's definition rather than a re-implementation of it.
+    The rest of the stack is the model's own (`GPT.continue_after_unit`), so injection,
+    adapters, noise and later loop groups follow the model's definition.
     """
-    plan, looper, blocks = model.loop_plan, model.looper, model.transformer.h
-    for u in range(unit_index + 1, len(plan.units)):
-        unit = plan.units[u]
-        adapter = looper.adapters[u] if looper.adapters is not None else None
-        x, _, _ = looper._run_unit(
-            x, unit, [blocks[i] for i in unit], adapter, num_loops, None, None
-        )
-    for i in range(plan.stop, model.config.n_layer):
-        x = blocks[i](x)
-    return _head_loss(model, x, targets)
+    return _head_loss(model, model.continue_after_unit(x, unit_index, num_loops), targets)
 
 
 @torch.no_grad()

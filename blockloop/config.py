@@ -308,6 +308,11 @@ def parse_value(key: str, text: str, type_name: str):
         if low in ("false", "0", "no"):
             return False
         raise ConfigError(f"--{key}={text}: must be True or False")
+    if type_name == "list" and text.strip().startswith("[["):
+        try:  # a list of lists, e.g. --loop_groups=[[1,2],[4,4]]
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--{key}={text}: must be a list such as [[1,2],[4,4]]") from None
     if type_name == "list":
         stripped = text.strip().strip("[]()")
         if not stripped:

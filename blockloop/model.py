@@ -11,19 +11,18 @@ handed to `blockloop.looping.LoopRunner`, and the blocks after it run once. With
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from blockloop.looping import (
-    INJECTION_MODES,
-    LOOP_SAMPLING_MODES,
-    MAX_LOOPS_LIMIT,
     LoopPlan,
     LoopRunner,
     effective_depth,
+    unit_has_adapter,
+    validate_loop_keys,
 )
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -57,6 +56,13 @@ class GPTConfig:
     loop_sampling: str = "fixed"
     loop_backprop_depth: int = 0
     loop_checkpointing: bool = False
+    # Second-generation looping (blockloop.looping's docstring has the formulas).
+    loop_groups: list = field(default_factory=list)  # [[first, last], ...]; or centre/radius
+    loop_counts: list = field(default_factory=list)  # per group; default max_loops each
+    loop_state_init: str = "input"  # "input" (s0 = x0 + noise) or "noise" (s0 = noise)
+    loop_state_norm: str = "none"  # "none" or "layernorm" (on the state entering an iteration)
+    automatic_loop_exit_criterion: str = "relative_change"  # or "kl", "entropy", "delta_change"
+    automatic_loop_exit_granularity: str = "sequence"  # or "token" (causal)
 
     def __post_init__(self):
         self.validate()
@@ -85,59 +91,7 @@ class GPTConfig:
                 f"gelu_approximate={self.gelu_approximate!r}: must be one of "
                 f"{', '.join(repr(m) for m in GELU_APPROXIMATIONS)}"
             )
-        if self.loop_center_idx < -1:
-            raise ValueError(
-                f"loop_center_idx={self.loop_center_idx}: must be -1 (no looping) "
-                f"or a block index in [0, {self.n_layer})"
-            )
-        if self.loop_radius < 0:
-            raise ValueError(f"loop_radius={self.loop_radius}: must be >= 0")
-        if self.loop_center_idx >= 0:
-            lo = self.loop_center_idx - self.loop_radius
-            hi = self.loop_center_idx + self.loop_radius
-            if lo < 0 or hi >= self.n_layer:
-                raise ValueError(
-                    f"loop_center_idx={self.loop_center_idx}, loop_radius={self.loop_radius}: "
-                    f"the looped range is blocks {lo}..{hi}, which leaves [0, {self.n_layer}) "
-                    f"(n_layer={self.n_layer}); choose a centre and radius with "
-                    f"radius <= centre <= n_layer - 1 - radius"
-                )
-        if not 1 <= self.max_loops <= MAX_LOOPS_LIMIT:
-            raise ValueError(f"max_loops={self.max_loops}: must be in [1, {MAX_LOOPS_LIMIT}]")
-        if self.loop_input_injection not in INJECTION_MODES:
-            raise ValueError(
-                f"loop_input_injection={self.loop_input_injection!r}: must be one of "
-                f"{', '.join(repr(m) for m in INJECTION_MODES)}"
-            )
-        if self.concatenate_initial_representation and self.loop_input_injection not in (
-            "none",
-            "concat",
-        ):
-            raise ValueError(
-                "concatenate_initial_representation=True asks for 'concat' injection, but "
-                f"loop_input_injection={self.loop_input_injection!r}; set only one of them"
-            )
-        for key in ("loop_noise_scale", "automatic_loop_exit_threshold"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{key}={value}: must be a finite number >= 0")
-        if self.loop_sampling not in LOOP_SAMPLING_MODES:
-            raise ValueError(
-                f"loop_sampling={self.loop_sampling!r}: must be one of "
-                f"{', '.join(repr(m) for m in LOOP_SAMPLING_MODES)}"
-            )
-        if self.loop_backprop_depth < 0:
-            raise ValueError(
-                f"loop_backprop_depth={self.loop_backprop_depth}: must be >= 0 "
-                f"(0 backpropagates through every iteration)"
-            )
-        if self.loop_backprop_depth > 0 and self.automatic_loop_exit_in_training:
-            # The gradient window is the last k of the planned iterations; exiting earlier could
-            # leave no iteration carrying gradient at all.
-            raise ValueError(
-                "loop_backprop_depth > 0 cannot be combined with "
-                "automatic_loop_exit_in_training=True; use one of them"
-            )
+        validate_loop_keys(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -289,60 +243,63 @@ class GPT(nn.Module):
         """Blocks applied per forward pass when the looped range runs `num_loops` times."""
         return effective_depth(self.config, num_loops)
 
-    def flops_per_token(
-        self,
-        num_loops: float | None = None,
-        backprop_loops: float | None = None,
-        training: bool = True,
-    ) -> float:
+    def flops_per_token(self, num_loops=None, backprop_loops=None, training: bool = True) -> float:
         """Matmul FLOPs per token (nanoGPT's PaLM-style estimate), counting every iteration run.
 
         Forward: 2 FLOPs per parameter applied (a looped block counts once per iteration) plus
         attention scores, 4 * n_embd * block_size per block application. Backward costs twice
         the forward of what carries gradients: with truncated backprop only the last
-        `backprop_loops` iterations of the loop do. `num_loops` may be a mean (random counts or
-        automatic exit).
+        `backprop_loops` iterations of each loop do, and without injection nothing before a
+        truncated loop does. `num_loops` (and `backprop_loops`) may be a mean (random counts,
+        automatic exit), one number for every group, or a list per group.
         """
         cfg = self.config
-        t = float(cfg.max_loops if num_loops is None else num_loops)
         n_block = sum(p.numel() for p in self.transformer.h[0].parameters())
-        n_head_and_norm = self.lm_head.weight.numel() + sum(
-            p.numel() for p in self.transformer.ln_f.parameters()
-        )
-        attn_per_block = 4 * cfg.n_embd * cfg.block_size
-        per_block_forward = 2 * n_block + attn_per_block
-        base_forward = 2 * n_head_and_norm
+        per_block = 2 * n_block + 4 * cfg.n_embd * cfg.block_size
+        base = 2 * (self.lm_head.weight.numel()
+                    + sum(p.numel() for p in self.transformer.ln_f.parameters()))
         if self.loop_plan is None:
-            forward = base_forward + cfg.n_layer * per_block_forward
+            forward = base + cfg.n_layer * per_block
             return 3 * forward if training else forward
-        k = self.loop_plan.num_blocks
-        outside = cfg.n_layer - k
-        adapter_forward = 2 * self.looper.adapter_params_per_unit()
-        units = len(self.loop_plan.units)
-        loop_forward_per_iter = k * per_block_forward
-        # The adapter runs from the second iteration on, once per unit.
-        forward = (
-            base_forward
-            + outside * per_block_forward
-            + t * loop_forward_per_iter
-            + max(t - 1, 0) * units * adapter_forward
+        groups = self.loop_plan.groups
+        t = self._per_group(num_loops, [g.count for g in groups])
+        outside = cfg.n_layer - self.loop_plan.num_blocks
+        forward = base + outside * per_block + sum(
+            self._group_flops(g, i, t[i], t[i], per_block) for i, g in enumerate(groups)
         )
         if not training:
             return forward
         depth = cfg.loop_backprop_depth
-        if backprop_loops is None:
-            backprop_loops = t if depth == 0 else min(t, depth)
-        b = float(backprop_loops)
-        # Without injection, truncation cuts the only path back to the blocks before the loop.
-        reaches_before = b >= t or self.config.injection_mode != "none"
-        outside_with_grad = outside if reaches_before else outside - self.loop_plan.start
-        grad_forward = (
-            base_forward
-            + outside_with_grad * per_block_forward
-            + b * loop_forward_per_iter
-            + max(min(b, t - 1), 0) * units * adapter_forward
+        b = self._per_group(backprop_loops, [ti if depth == 0 else min(ti, depth) for ti in t])
+        # Without injection, truncation cuts the only path back to the blocks before a loop.
+        cut = max((i for i in range(len(groups)) if b[i] < t[i] and cfg.injection_mode == "none"),
+                  default=None)
+        first = 0 if cut is None else groups[cut].first
+        looped_after = sum(len(g.blocks) for g in groups if g.first >= first)
+        grad = base + (cfg.n_layer - first - looped_after) * per_block + sum(
+            self._group_flops(g, i, t[i], b[i], per_block)
+            for i, g in enumerate(groups) if g.first >= first
         )
-        return forward + 2 * grad_forward
+        return forward + 2 * grad
+
+    @staticmethod
+    def _per_group(value, default: list) -> list[float]:
+        if value is None:
+            return [float(v) for v in default]
+        if isinstance(value, (list, tuple)):
+            return [float(v) for v in value]
+        return [float(value)] * len(default)
+
+    def _group_flops(self, group, index: int, t: float, b: float, per_block: float) -> float:
+        """Forward FLOPs of loop group `index` for the `b` of its `t` iterations counted."""
+        units = 1 if self.loop_plan.tied else len(group.blocks)
+        adapter = 0.0
+        if self.looper.adapters is not None and unit_has_adapter(self.config, index):
+            adapter = 2 * self.looper.adapter_params_per_unit()
+        # The adapter runs from the second iteration on ("input" init), or from the first.
+        skip = 0 if self.config.loop_state_init == "noise" else 1
+        adapter_iterations = max(min(b, t - skip), 0)
+        return b * len(group.blocks) * per_block + adapter_iterations * units * adapter
 
     def forward(
         self,
@@ -375,19 +332,10 @@ class GPT(nn.Module):
             self.last_loop_trace = None
             self.last_loop_iterations = None
         else:
-            plan = self.loop_plan
-            for i in range(plan.start):
-                x = blocks[i](x, None if kv_caches is None else kv_caches.get(i, 1))
             x, iterations, trace = self.looper(
-                x,
-                blocks,
-                num_loops=num_loops,
-                loop_exit=loop_exit,
-                exit_threshold=exit_threshold,
-                kv_caches=kv_caches,
+                x, blocks, num_loops=num_loops, loop_exit=loop_exit,
+                exit_threshold=exit_threshold, kv_caches=kv_caches, lens=self.logit_lens,
             )
-            for i in range(plan.stop, self.config.n_layer):
-                x = blocks[i](x, None if kv_caches is None else kv_caches.get(i, 1))
             self.last_loop_trace = trace
             self.last_loop_iterations = iterations
         if kv_caches is not None:
@@ -402,6 +350,18 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])
             loss = None
         return logits, loss
+
+    def logit_lens(self, x):
+        """ln_f and lm_head applied to a residual stream x (B, L, C) -> logits (B, L, V)."""
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def continue_after_unit(self, x, unit_index: int, num_loops=None):
+        """The residual stream entering ln_f if looped unit `unit_index` had output `x`
+        (B, L, C): the later units at `num_loops` iterations (no automatic exit) and the blocks
+        after them. Used by analysis (the logit lens "continue" loss)."""
+        x, _, _ = self.looper(x, self.transformer.h, num_loops=num_loops, loop_exit=False,
+                              start_unit=unit_index + 1)
+        return x
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (>= 2-D) only, as nanoGPT does.

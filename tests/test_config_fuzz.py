@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from blockloop.config import all_keys
-from blockloop.model import MAX_LOOPS_LIMIT
+from blockloop.looping import MAX_LOOPS_LIMIT
 from blockloop.train import main as train_main
 from tests.conftest import write_token_dataset
 

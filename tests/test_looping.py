@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from blockloop.looping import LoopPlan, relative_change, sample_num_loops
+from blockloop.looping import LoopGroup, LoopPlan, relative_change, sample_num_loops
 from blockloop.model import GPT, GPTConfig
 from tests import reference
 
@@ -373,8 +373,12 @@ def test_loop_sampling_means_and_determinism():
 
 
 def test_plan_units():
-    assert LoopPlan(1, 4, True).units == [(1, 2, 3)]
-    assert LoopPlan(1, 4, False).units == [(1,), (2,), (3,)]
+    group = (LoopGroup(1, 3, 2),)
+    assert LoopPlan(group, True).units == [(1, 2, 3)]
+    assert LoopPlan(group, False).units == [(1,), (2,), (3,)]
+    two = (LoopGroup(1, 2, 2), LoopGroup(4, 4, 3))
+    assert LoopPlan(two, True).units == [(1, 2), (4,)]
+    assert LoopPlan(two, False).unit_groups == [0, 0, 1]
 
 
 def test_relative_change_definition():
