@@ -152,7 +152,7 @@ def unit_inputs(model, idx: torch.Tensor, unit_index: int, num_loops: int):
 
     One forward pass in eval mode with `num_loops` iterations per unit, no automatic exit and
     no loop noise; `states` is the trace (num_loops + 1, B, L, C) with states[t] = s_t, and
-    x0 = states[0] (B, L, C), the unit's input. Units are in execution order (untied looping:
+    x0 (B, L, C) is the unit's input (equal to states[0] with "input" state init and no noise). Units are in execution order (untied looping:
     one per block of the looped range; unit k's input is unit k-1's output after `num_loops`
     iterations). Raises ValueError for a plain model, a unit index out of range or a count the
     model cannot run.
@@ -161,8 +161,8 @@ def unit_inputs(model, idx: torch.Tensor, unit_index: int, num_loops: int):
     twin = _tracing_twin(model)
     with _eval_mode(twin), torch.no_grad():
         twin(idx, num_loops=num_loops, loop_exit=False)
-    states = twin.last_loop_trace.units[unit_index].states
-    return states[0], states
+    unit = twin.last_loop_trace.units[unit_index]
+    return unit.x0, unit.states
 
 
 def iteration_map(model, unit_index: int, x0: torch.Tensor, t: int):
@@ -176,10 +176,9 @@ def iteration_map(model, unit_index: int, x0: torch.Tensor, t: int):
         raise ValueError(f"t={t}: iterations count from 1")
     looper, unit = model.looper, model.loop_plan.units[unit_index]
     unit_blocks = [model.transformer.h[i] for i in unit]
-    adapter = looper.adapters[unit_index] if looper.adapters is not None else None
 
     def step(state):
-        return looper._step(state, x0, t, unit, unit_blocks, adapter, None)
+        return looper._step(state, x0, t, unit_index, unit, unit_blocks, None)
 
     return step
 

@@ -51,8 +51,8 @@ Training options: `loop_sampling` draws each group's iteration count for a step
 
 Trace (`GPT.last_loop_trace`, only with `loops_representation=True`): a `LoopTrace` whose `units`
 hold one `UnitTrace` per looped unit, in execution order: `group` (its group index), `blocks`,
-`states` (T+1, B, L, C) detached (`states[t]` is s_t; a sequence or token that exited at e keeps
-s_e), `deltas` (T, B): the mean relative change over the sequence's tokens (NaN for iterations a
+`x0` (B, L, C), `states` (T+1, B, L, C) detached (`states[t]` is s_t; a sequence or token that
+exited at e keeps s_e), `deltas` (T, B): the mean relative change over the sequence's tokens (NaN for iterations a
 sequence did not run), `iterations`: int64 (B,) per sequence, or (B, L) per token with token
 granularity. `GPT.last_loop_iterations` holds the per-unit `iterations` even with tracing off.
 
@@ -187,6 +187,17 @@ class LoopPlan:
                 )
             return [int(n) for n in num_loops]
         return [int(num_loops)] * len(self.groups)
+
+
+def group_iterations(plan: LoopPlan, unit_iterations) -> torch.Tensor:
+    """Mean iterations run by each group's units, float (G,), from `GPT.last_loop_iterations`
+    (one tensor per unit, per sequence or per token)."""
+    per_unit = [its.float().mean() for its in unit_iterations]
+    groups = plan.unit_groups
+    return torch.stack([
+        torch.stack([m for m, g in zip(per_unit, groups) if g == k]).mean()
+        for k in range(len(plan.groups))
+    ])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +421,7 @@ class UnitTrace:
     deltas: torch.Tensor
     iterations: torch.Tensor
     group: int = 0
+    x0: torch.Tensor | None = None  # the unit's input (B, L, C), detached
 
 
 @dataclass
@@ -664,7 +676,7 @@ class LoopRunner(nn.Module):
         if cfg.loop_state_init == "noise":
             if self.training:
                 return sigma * torch.randn_like(x0)
-            return sigma * self._noise_at(past, x0)
+            return (sigma * self._noise_at(past, x0)).expand_as(x0).contiguous()
         noisy = sigma > 0 and (self.training or cfg.loop_noise_in_eval)
         return x0 + sigma * torch.randn_like(x0) if noisy else x0
 
@@ -816,4 +828,5 @@ class _UnitRun:
         return UnitTrace(
             blocks=self.unit, states=torch.stack(self.states), deltas=torch.stack(self.deltas),
             iterations=self.iterations.clone(), group=self.runner.plan.unit_list[self.u][0],
+            x0=self.x0.detach(),
         )

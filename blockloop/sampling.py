@@ -23,7 +23,10 @@ and is much faster, at the price of conditioning on between `refill_keep` and `b
 instead of always `block_size`.
 
 Per-token adaptive exit (`adaptive_exit=True`, cached decoding only). The prompt prefill, and any
-re-prefill, run the full `num_loops` iterations. Each new token then runs the loop runner's exit
+re-prefill, run the full `num_loops` iterations, except for a model with
+`automatic_loop_exit_granularity="token"`, whose prefill exits per token (causally, so that
+decoding equals a full forward pass with token exit); the criterion is the model's
+`automatic_loop_exit_criterion`. Each new token then runs the loop runner's exit
 rule on its own state: for each looped unit (the whole range when tied, each block when untied),
 it stops at the first iteration t >= 2 with
 
@@ -169,19 +172,25 @@ class _RowView:
 class LoopKVCache:
     """One K/V buffer per (block, iteration) of a model, for `batch_size` rows."""
 
-    def __init__(self, model: GPT, batch_size: int, num_loops: int | None = None):
+    def __init__(self, model: GPT, batch_size: int, num_loops=None):
         cfg = model.config
         plan = model.loop_plan
         self.batch_size = batch_size
         self.capacity = cfg.block_size
-        self.num_loops = 1 if plan is None else (cfg.max_loops if num_loops is None else num_loops)
-        if self.num_loops < 1:
-            raise ValueError(f"num_loops={self.num_loops}: must be >= 1")
-        self.looped_blocks = () if plan is None else tuple(range(plan.start, plan.stop))
+        # Iterations per block: its group's count (num_loops: None, one int, or one per group).
+        counts = {} if plan is None else {
+            b: n for group, n in zip(plan.groups, plan.counts(num_loops)) for b in group.blocks
+        }
+        if any(n < 1 for n in counts.values()):
+            raise ValueError(f"num_loops={num_loops}: must be >= 1")
+        resolved = [1] if plan is None else plan.counts(num_loops)
+        # The forward's num_loops: one int (one group, or a plain model), else one per group.
+        self.num_loops = resolved[0] if len(resolved) == 1 else resolved
+        self.iterations_of = counts
+        self.looped_blocks = tuple(sorted(counts))
         self.layers: dict[tuple[int, int], LayerKVCache] = {}
         for b in range(cfg.n_layer):
-            iterations = self.num_loops if b in self.looped_blocks else 1
-            for i in range(1, iterations + 1):
+            for i in range(1, counts.get(b, 1) + 1):
                 self.layers[(b, i)] = LayerKVCache(self)
         self.past_length = 0
 
@@ -205,7 +214,7 @@ class LoopKVCache:
         start, end = self.past_length, self.past_length + t
         for b in self.looped_blocks:
             # In increasing iteration order, so a row that stopped at e is copied e -> e+1 -> ...
-            for i in range(2, self.num_loops + 1):
+            for i in range(2, self.iterations_of[b] + 1):
                 self.layers[(b, i)]._fill_unwritten_from(self.layers[(b, i - 1)], start, end)
         for layer in self.layers.values():
             layer._clear_marks()
@@ -246,16 +255,25 @@ class _Decoder:
         self.stats.count(self.model.last_loop_iterations, full=full)
         return logits[:, -1, :]
 
+    @property
+    def _prefill_exit(self) -> bool:
+        # A token-granular model exits causally, so its prefill may exit per token too (and
+        # then equals feeding the prompt one token at a time); otherwise prefills run full.
+        granularity = self.model.config.automatic_loop_exit_granularity
+        return self.adaptive_exit and granularity == "token"
+
     def prefill(self, context):
-        """Empty the cache and process the last block_size tokens of `context`, full loops."""
+        """Empty the cache and process the last block_size tokens of `context`."""
         self.cache.reset()
-        return self._forward(context[:, -self.block_size :], loop_exit=False, full=True)
+        return self._forward(context[:, -self.block_size :], loop_exit=self._prefill_exit,
+                             full=True)
 
     def feed(self, context):
         """Process the last token of `context` (all tokens so far); logits for the next one."""
         if self.cache.past_length >= self.block_size:
             self.cache.reset()
-            return self._forward(context[:, -self.refill_keep :], loop_exit=False, full=True)
+            return self._forward(context[:, -self.refill_keep :], loop_exit=self._prefill_exit,
+                                 full=True)
         return self._forward(context[:, -1:], loop_exit=self.adaptive_exit, full=False)
 
 
@@ -388,7 +406,7 @@ def _draw(model, logits, n, **options):
 
 def _generate_uncached(model, idx, max_new_tokens, draw, num_loops):
     block_size = model.config.block_size
-    loops = 1 if model.loop_plan is None else (model.config.max_loops if num_loops is None else num_loops)
+    loops = LoopKVCache(model, 0, num_loops).num_loops  # resolved, for the stats
     stats = _Counter(model, loops)
     for n in range(max_new_tokens):
         logits, _ = model(idx[:, -block_size:], num_loops=num_loops, loop_exit=False)

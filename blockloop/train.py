@@ -51,7 +51,13 @@ from blockloop.errors import (
     run_command,
 )
 from blockloop.evaluation import evaluate
-from blockloop.looping import check_num_loops, is_looped, may_skip_gradients, sample_num_loops
+from blockloop.looping import (
+    check_num_loops,
+    group_iterations,
+    is_looped,
+    may_skip_gradients,
+    sample_loop_counts,
+)
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 from blockloop.pretrained import load_pretrained
 from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jsonl
@@ -646,8 +652,10 @@ def train_step(t: Trainer, iter_num: int) -> StepResult:
     cfg, raw = t.cfg, t.raw_model
     num_loops = None
     if raw.loop_plan is not None and raw.config.loop_sampling != "fixed":
-        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, iter_num, 2))
-        num_loops = sample_num_loops(raw.config, gen)
+        # One draw per group from (seed, step, group); group 0's seed is the one-loop seed.
+        gens = [torch.Generator().manual_seed(mix_seed(cfg.seed, iter_num, 2, *([g] if g else [])))
+                for g in range(len(raw.loop_plan.groups))]
+        num_loops = sample_loop_counts(raw.config, gens)
     lr = get_lr(iter_num, cfg)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
@@ -666,17 +674,19 @@ def train_step(t: Trainer, iter_num: int) -> StepResult:
     if t.device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0
-    loops = (
-        torch.stack(iter_counts).mean().item() if iter_counts else
-        (num_loops if num_loops is not None else raw.config.max_loops)
-    )
-    flops = raw.flops_per_token(loops) * t.tokens_per_iter
+    if iter_counts:  # looped: the mean over looped units for the log, per group for FLOPs
+        loops = torch.stack([unit_mean for unit_mean, _ in iter_counts]).mean().item()
+        per_group = torch.stack([groups for _, groups in iter_counts]).mean(dim=0).tolist()
+    else:
+        loops, per_group = raw.config.max_loops, None
+    flops = raw.flops_per_token(per_group) * t.tokens_per_iter
     return StepResult(loss, lr, loops, flops, dt, stop_requested)
 
 
 def forward_backward(t: Trainer, iter_num: int, num_loops: int | None):
-    """(loss summed over this rank's micro-steps, each divided by their count; the mean loop
-    iterations of each micro-step, when the model reports them). Gradients accumulate."""
+    """(loss summed over this rank's micro-steps, each divided by their count; per micro-step,
+    when the model loops, (mean iterations over looped units, mean per group (G,))). Gradients
+    accumulate."""
     raw, world, rank = t.raw_model, t.dist.world, t.dist.rank
     loss_sum = torch.zeros((), device=t.device)
     iter_counts = []
@@ -698,9 +708,9 @@ def forward_backward(t: Trainer, iter_num: int, num_loops: int | None):
             t.scaler.scale(loss).backward()
         loss_sum += loss.detach()
         if raw.last_loop_iterations is not None:
-            iter_counts.append(
-                torch.stack([i.float() for i in raw.last_loop_iterations]).mean()
-            )
+            its = raw.last_loop_iterations
+            iter_counts.append((torch.stack([i.float().mean() for i in its]).mean(),
+                                group_iterations(raw.loop_plan, its)))
     return loss_sum, iter_counts
 
 

@@ -64,3 +64,48 @@ def forward(idx, state_dict, n_head, block_order, dtype=torch.float64):
 
 def cross_entropy(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def looped_forward(idx, state_dict, config, num_loops=None, dtype=torch.float64):
+    """Logits of a looped model written out from the definition in blockloop/looping.py's
+    docstring (groups, tied/untied units, injection, state init, state norm; no exit, eval
+    mode), on a state dict, independent of the model's code."""
+    sd = {k: v.detach().to(dtype) for k, v in state_dict.items()}
+    groups = config["groups"]
+    counts = num_loops or [g[2] for g in groups]
+    x, position, u = embed(idx, sd), 0, 0
+    for (first, last, _), count in zip(groups, counts):
+        for i in range(position, first):
+            x = block(x, sd, i, config["n_head"])
+        parts = [list(range(first, last + 1))] if config["tied"] else [[i] for i in range(first, last + 1)]
+        for part in parts:
+            x = unit_loop(x, sd, config, part, u, count, dtype)
+            u += 1
+        position = last + 1
+    for i in range(position, config["n_layer"]):
+        x = block(x, sd, i, config["n_head"])
+    return head(x, sd)
+
+
+def unit_loop(x0, sd, config, blocks, u, count, dtype):
+    if config["state_init"] == "noise":
+        gen = torch.Generator().manual_seed(config["eval_noise_seed"])
+        eps = torch.randn(config["block_size"], x0.shape[-1], generator=gen)[: x0.shape[1]]
+        s = config["noise_scale"] * eps.to(dtype).unsqueeze(0).expand_as(x0)
+    else:
+        s = x0
+    for t in range(1, count + 1):
+        if t == 1 and config["state_init"] == "input":
+            inp = s
+        elif config["injection"] == "none":
+            inp = s
+        elif config["injection"] == "add":
+            inp = s + x0
+        else:
+            inp = s + linear(torch.cat([s, x0], dim=-1), sd, f"looper.adapters.{u}.proj")
+        if config["state_norm"]:
+            inp = layer_norm(inp, sd, f"looper.state_norms.{u}")
+        for i in blocks:
+            inp = block(inp, sd, i, config["n_head"])
+        s = inp
+    return s
