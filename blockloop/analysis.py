@@ -317,8 +317,9 @@ def logit_lens_losses(model: GPT, idx, targets, *, num_loops: int | None = None)
 
 
 def _histogram(iterations: torch.Tensor, num_loops: int) -> list[int]:
-    """counts[t-1] = number of sequences that ran t iterations, t = 1..num_loops."""
-    return torch.bincount(iterations, minlength=num_loops + 1)[1:].tolist()
+    """counts[t-1] = number of sequences (or tokens, with token exit) that ran t iterations,
+    t = 1..num_loops."""
+    return torch.bincount(iterations.flatten(), minlength=num_loops + 1)[1:].tolist()
 
 
 def _pick_rows(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -403,7 +404,7 @@ def _trace_batches(model: GPT, batches, num_loops: int, device, ctx, cka_tokens:
     return accs
 
 
-def _unit_result(blocks, acc: dict, num_loops: int) -> dict:
+def _unit_result(blocks, group: int, acc: dict, num_loops: int) -> dict:
     """The per-unit entry of the result from a `_trace_batches` accumulator."""
     delta_mean, delta_std = _summary(torch.cat(acc["delta"], dim=1))
     norm_mean, norm_std = _summary(torch.cat(acc["norm"], dim=1))
@@ -412,6 +413,7 @@ def _unit_result(blocks, acc: dict, num_loops: int) -> dict:
     pca = pca_trajectories(acc["pca_states"])
     return {
         "blocks": list(blocks),
+        "group": group,
         "iterations": list(range(num_loops + 1)),
         "delta_mean": delta_mean,
         "delta_std": delta_std,
@@ -503,7 +505,9 @@ def analyze_model(
     cfg = model.config
     T, exit_threshold, counts = _settings(cfg, num_loops, exit_threshold, loop_counts)
     accs = _trace_batches(model, batches, T, device, ctx, cka_tokens, pca_tokens, token_labels)
-    units = [_unit_result(blocks, acc, T) for blocks, acc in zip(model.loop_plan.units, accs)]
+    plan = model.loop_plan
+    units = [_unit_result(blocks, g, acc, T)
+             for blocks, g, acc in zip(plan.units, plan.unit_groups, accs)]
     ev = {"device": device, "ctx": ctx}
     exit_run = evaluate(
         model, batches, num_loops=T, loop_exit=True, exit_threshold=exit_threshold, **ev
@@ -518,6 +522,7 @@ def analyze_model(
         "model_config": cfg.to_dict(),
         "tied_looping": cfg.tied_looping,
         "looped_blocks": [model.loop_plan.start, model.loop_plan.stop - 1],
+        "loop_groups": [[g.first, g.last, g.count] for g in model.loop_plan.groups],
         "batches": len(batches),
         "tokens_per_batch": list(batches[0][0].shape),
         "model_loss": _model_loss(model, batches, T, scaling, **ev),
@@ -539,7 +544,8 @@ def _nan(values) -> np.ndarray:
 
 def _unit_label(unit: dict) -> str:
     b = unit["blocks"]
-    return f"block {b[0]}" if len(b) == 1 else f"blocks {b[0]}-{b[-1]}"
+    blocks = f"block {b[0]}" if len(b) == 1 else f"blocks {b[0]}-{b[-1]}"
+    return f"group {unit['group']}, {blocks}" if unit.get("group") else blocks
 
 
 def _new_figure(width=6.4, height=4.2):
@@ -749,9 +755,10 @@ def _markdown(res: dict, header: dict) -> str:
     for key, value in header.items():
         lines.append(f"- {key}: {value}")
     lines += [
-        f"- looped blocks {res['looped_blocks'][0]}-{res['looped_blocks'][1]} "
-        f"({'tied' if res['tied_looping'] else 'untied'}), trained with {res['trained_loops']} "
-        f"iterations, analysed at {res['num_loops']}",
+        "- loop groups "
+        + ", ".join(f"blocks {a}-{b} (trained at {n})" for a, b, n in res["loop_groups"])
+        + f" ({'tied' if res['tied_looping'] else 'untied'}), analysed at {res['num_loops']} "
+        "iterations",
         f"- {res['batches']} validation batches of shape {res['tokens_per_batch']}; "
         f"model loss {_loss(res['model_loss'])}",
         f"- automatic exit at threshold {res['exit']['threshold']:g}: loss "

@@ -10,7 +10,11 @@ Definitions (over a list of `(x, y)` batches, `x`, `y` int64 `(B, L)`, `y = -1` 
     counts for its size), in nats per token;
   - accuracy: fraction of scored targets where the argmax of the logits is the target;
   - iterations: per looped unit, the iterations each sequence ran (int64 `(N,)`, N sequences);
-  - mean iterations: the mean over looped units of the per-sequence mean.
+  - mean iterations: the mean over looped units of the per-sequence (or, with token exit,
+    per-token) mean;
+  - block applications: blocks applied per sequence (or token), n_layer plus len(unit) times
+    (iterations - 1) summed over looped units; an exit sweep reports the mean and what it saves
+    against running every iteration.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blockloop.looping import check_num_loops
+from blockloop.looping import block_applications, check_num_loops, effective_depth
 from blockloop.records import finite_or_none
 from blockloop.runtime import unwrap
 
@@ -33,6 +37,7 @@ class EvalResult:
     accuracy: float
     tokens: int
     iterations: list[torch.Tensor] = field(default_factory=list)
+    block_applications: float | None = None
 
     @property
     def mean_iterations(self) -> float | None:
@@ -43,6 +48,7 @@ class EvalResult:
         out = {"loss": finite_or_none(self.loss), "accuracy": self.accuracy}
         if self.iterations:
             out["mean_iterations"] = self.mean_iterations
+            out["mean_block_applications"] = self.block_applications
         return out
 
 
@@ -88,9 +94,12 @@ def evaluate(model, batches, *, device="cpu", ctx=None, **forward_kwargs) -> Eva
             if raw.last_loop_iterations is not None:
                 iterations.append([i.cpu() for i in raw.last_loop_iterations])
     per_unit = [torch.cat(unit) for unit in zip(*iterations)] if iterations else []
+    applied = None
+    if per_unit:
+        applied = block_applications(raw.loop_plan, raw.config.n_layer, per_unit).mean().item()
     return EvalResult(
         loss=loss_sum / max(counted, 1), accuracy=correct / max(counted, 1), tokens=counted,
-        iterations=per_unit,
+        iterations=per_unit, block_applications=applied,
     )
 
 
@@ -108,16 +117,24 @@ def loop_scaling(model, batches, counts, **kwargs) -> list[dict]:
     return rows
 
 
-def exit_sweep(model, batches, thresholds, num_loops: int, **kwargs) -> list[dict]:
+def exit_sweep(model, batches, thresholds, num_loops: int, granularity: str | None = None,
+               **kwargs) -> list[dict]:
     """Automatic exit at each threshold, with `num_loops` as the cap: `[{"threshold",
-    "num_loops", "loss", "accuracy", "mean_iterations"}]` in increasing threshold order.
-    `kwargs` as for `evaluate` (device, ctx)."""
-    check_num_loops(unwrap(model).config, num_loops)
+    "num_loops", "granularity", "loss", "accuracy", "mean_iterations",
+    "mean_block_applications", "block_applications_saved"}]` in increasing threshold order.
+    `granularity` "token" (causal: a validation loss no later token influenced) or "sequence";
+    None takes the model's. `kwargs` as for `evaluate` (device, ctx)."""
+    config = unwrap(model).config
+    check_num_loops(config, num_loops)
+    granularity = granularity or config.automatic_loop_exit_granularity
+    full = effective_depth(config, num_loops)
     rows = []
     for threshold in sorted(set(thresholds)):
         res = evaluate(
             model, batches, num_loops=num_loops, loop_exit=True, exit_threshold=threshold,
-            **kwargs,
+            exit_granularity=granularity, **kwargs,
         )
-        rows.append({"threshold": threshold, "num_loops": num_loops, **res.to_dict()})
+        rows.append({"threshold": threshold, "num_loops": num_loops, "granularity": granularity,
+                     **res.to_dict(),
+                     "block_applications_saved": full - res.block_applications})
     return rows

@@ -189,6 +189,16 @@ class LoopPlan:
         return [int(num_loops)] * len(self.groups)
 
 
+def block_applications(plan: LoopPlan, n_layer: int, unit_iterations) -> torch.Tensor:
+    """Blocks applied to each sequence (B,) or token (B, L) in a forward pass whose looped
+    units ran `unit_iterations` (`GPT.last_loop_iterations`): n_layer + sum over units of
+    len(unit) * (iterations - 1)."""
+    total = torch.full(unit_iterations[0].shape, float(n_layer), device=unit_iterations[0].device)
+    for blocks, its in zip(plan.units, unit_iterations):
+        total = total + len(blocks) * (its.float() - 1)
+    return total
+
+
 def group_iterations(plan: LoopPlan, unit_iterations) -> torch.Tensor:
     """Mean iterations run by each group's units, float (G,), from `GPT.last_loop_iterations`
     (one tensor per unit, per sequence or per token)."""
@@ -624,15 +634,16 @@ class LoopRunner(nn.Module):
         return sum(p.numel() for p in next(iter(self.adapters)).parameters())
 
     def forward(self, x, blocks, num_loops=None, loop_exit=None, exit_threshold=None,
-                kv_caches=None, lens=None, start_unit: int = 0):
+                kv_caches=None, lens=None, start_unit: int = 0, exit_granularity=None):
         """Apply the block stack to `x` (B, L, C): blocks outside the groups once, each looped
         unit for its group's count. `num_loops`: None (trained counts), an int for every group
         or a list per group. `lens(s) -> logits` is the logit lens ("kl"/"entropy" exit).
-        `start_unit = k` continues the stack after looped unit k-1 (for analysis).
+        `start_unit = k` continues the stack after looped unit k-1 (for analysis);
+        `exit_granularity` overrides the config's ("sequence" or "token").
         Returns (output (B, L, C), iterations per unit, LoopTrace or None)."""
         counts = self.plan.counts(num_loops)
         check_num_loops(self.config, counts if len(counts) > 1 else counts[0])
-        rule = self._exit_rule(loop_exit, exit_threshold)
+        rule = self._exit_rule(loop_exit, exit_threshold, exit_granularity)
         trace = LoopTrace() if self.config.loops_representation else None
         # Outside training, whether each iteration's state is finite is kept (no host sync) so
         # a diverged run can be reported with the iteration where it broke (`nonfinite_onset`).
@@ -658,7 +669,7 @@ class LoopRunner(nn.Module):
             x = blocks[i](x, None if kv_caches is None else kv_caches.get(i, 1))
         return x
 
-    def _exit_rule(self, loop_exit, exit_threshold) -> ExitRule | None:
+    def _exit_rule(self, loop_exit, exit_threshold, granularity=None) -> ExitRule | None:
         cfg = self.config
         if loop_exit is None:
             loop_exit = cfg.automatic_loop_exit and (
@@ -667,8 +678,9 @@ class LoopRunner(nn.Module):
         if not loop_exit:
             return None
         threshold = cfg.automatic_loop_exit_threshold if exit_threshold is None else exit_threshold
-        return ExitRule(threshold, cfg.automatic_loop_exit_criterion,
-                        cfg.automatic_loop_exit_granularity)
+        granularity = granularity or cfg.automatic_loop_exit_granularity
+        _one_of("exit_granularity", granularity, EXIT_GRANULARITIES)
+        return ExitRule(threshold, cfg.automatic_loop_exit_criterion, granularity)
 
     def _initial_state(self, x0, past: int):
         cfg = self.config

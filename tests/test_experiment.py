@@ -485,3 +485,37 @@ def test_runs_made_by_other_code_are_rerun_unless_kept(tiny_run, tmp_path, capsy
     assert "1 finished run(s) were made by other code" in log
     assert same_code(load_results(copy)[other]["code"])
     assert "by other code" not in (copy / "report" / "report.md").read_text()
+
+
+GROUPS_EXPERIMENT = """
+name = "groups_tiny"
+seeds = [1]
+baselines = True
+base = {"dataset": "shakespeare_char", "block_size": 16, "batch_size": 4, "n_head": 2,
+        "n_embd": 16, "gradient_accumulation_steps": 1, "eval_interval": 4, "eval_iters": 2,
+        "warmup_iters": 0, "device": "cpu", "loop_input_injection": "add"}
+variants = [
+    {"name": "two_groups", "n_layer": 3, "loop_groups": [[0, 1], [2, 2]], "loop_counts": [2, 3]},
+]
+budget = {"iters": 4}
+evaluation = {"exit_thresholds": [0.0, 1e9], "samples": 1, "sample_tokens": 8}
+"""
+
+
+def test_loop_groups_run_against_their_references_with_causal_exit_curves(tmp_path,
+                                                                          monkeypatch):
+    write_char_data(tmp_path / "data" / "shakespeare_char")
+    path = tmp_path / "groups.py"
+    path.write_text(GROUPS_EXPERIMENT)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--jobs", "2"]) == 0
+    records = load_results(tmp_path / "out")
+    run = records["main/two_groups-s1"]
+    assert run["status"] == "ok" and run["effective_depth"] == 3 + 2 * 1 + 1 * 2
+    assert {"main/plain_L3-s1", "main/plain_L7-s1"} <= set(records)
+    sweep = {row["threshold"]: row for row in run["exit_sweep"]}
+    assert all(row["granularity"] == "token" for row in sweep.values())
+    assert sweep[0.0]["block_applications_saved"] == pytest.approx(0.0)
+    assert sweep[1e9]["block_applications_saved"] > 0
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "token granularity: causal" in report

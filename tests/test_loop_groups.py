@@ -252,3 +252,22 @@ def test_state_norm_keeps_a_diverging_loop_finite():
     with torch.no_grad():
         assert not torch.isfinite(diverging("none")(idx, num_loops=256)[0]).all()
         assert torch.isfinite(diverging("layernorm")(idx, num_loops=256)[0]).all()
+
+
+def test_analysis_reports_every_group_and_token_exit(tmp_path):
+    from blockloop.analysis import analyze_model, tracing_copy, write_report
+
+    model = tracing_copy(build(loop_groups=[[1, 2], [3, 3]], loop_counts=[2, 3], max_loops=3,
+                               loop_input_injection="add", tied_looping=False,
+                               automatic_loop_exit_granularity="token"))
+    idx = tokens(4, 12)
+    res = analyze_model(model, [(idx[:, :-1], idx[:, 1:])], thresholds=(0.0, 1e9))
+    assert res["loop_groups"] == [[1, 2, 2], [3, 3, 3]]
+    assert [(u["group"], u["blocks"]) for u in res["units"]] == [(0, [1]), (0, [2]), (1, [3])]
+    # Token exit: each token counted once per unit in the histogram.
+    assert all(sum(u["exit_histogram"]) == 4 * 11 for u in res["units"])
+    sweep = {row["threshold"]: row for row in res["exit_sweep"]}
+    assert sweep[1e9]["granularity"] == "token" and sweep[1e9]["mean_iterations"] == 2
+    report = write_report(res, tmp_path / "report")
+    assert "blocks 3-3 (trained at 3)" in (tmp_path / "report" / "analysis.md").read_text()
+    assert report["figures"]

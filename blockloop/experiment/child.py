@@ -26,7 +26,13 @@ from blockloop.checkpoint import LAST_CKPT, load_model
 from blockloop.config import TrainConfig, build_configs
 from blockloop.evaluation import evaluate, exit_sweep, loop_scaling
 from blockloop.experiment.files import RUN_RESULT_FILE
-from blockloop.looping import effective_depth, is_looped, max_runnable_loops, scaling_loop_counts
+from blockloop.looping import (
+    effective_depth,
+    is_looped,
+    max_runnable_loops,
+    scaling_loop_counts,
+    trained_counts,
+)
 from blockloop.records import atomic_write_json, code_identity, finite_or_none, read_jsonl
 from blockloop.runtime import autocast_context, resolve_device, resolve_dtype
 from blockloop.sampling import generate
@@ -137,14 +143,17 @@ def _loop_evaluation(model, batches, evaluation: dict, **kwargs) -> dict:
     `exit_max_loops_factor` times the trained count (or what the model can run)."""
     config = model.config
     counts = scaling_loop_counts(config, extra=evaluation["test_loops"])
-    cap = min(evaluation["exit_max_loops_factor"] * config.max_loops, max_runnable_loops(config))
+    trained = max(trained_counts(config))
+    cap = min(evaluation["exit_max_loops_factor"] * trained, max_runnable_loops(config))
     return {
         "loop_scaling": loop_scaling(model, batches, counts, **kwargs),
         "exit_default": {
             "threshold": config.automatic_loop_exit_threshold,
             **evaluate(model, batches, loop_exit=True, **kwargs).to_dict(),
         },
-        "exit_sweep": exit_sweep(model, batches, evaluation["exit_thresholds"], cap, **kwargs),
+        "exit_sweep": exit_sweep(model, batches, evaluation["exit_thresholds"], cap,
+                                 granularity=evaluation.get("exit_granularity", "token"),
+                                 **kwargs),
     }
 
 

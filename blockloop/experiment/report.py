@@ -584,17 +584,27 @@ def fig_exit_sweep(sec: SectionData, path: Path) -> str | None:
         keep = fx <= max(cap, 1)
         _plot_clipped(ax, fx[keep], fmean[keep], top, color=color, linestyle="--", alpha=0.6,
                       label=f"{v['name']}: fixed count")
-    _finish(fig, ax, path, "mean iterations used per sequence", sec.metric_label,
+    _finish(fig, ax, path, "mean iterations used (per token or sequence)", sec.metric_label,
             "Automatic exit: quality vs iterations used")
     thresholds = sorted({row["threshold"] for v in looped for r in sec.by_variant[v["name"]]
                          for row in r.get("exit_sweep") or []}, reverse=True)
-    return ("Solid lines: automatic exit (a sequence stops once its state changes by less than the "
+    granularity = {row.get("granularity", "sequence") for v in looped
+                   for r in sec.by_variant[v["name"]] for row in r.get("exit_sweep") or []}
+    saved = [row["block_applications_saved"] for v in looped for r in sec.by_variant[v["name"]]
+             for row in r.get("exit_sweep") or [] if row.get("block_applications_saved") is not None]
+    who = ("each token stops on its own (token granularity: causal, so every loss here is one "
+           "no later token influenced)" if granularity == {"token"} else
+           "a sequence stops as a whole (sequence granularity: later tokens help decide the "
+           "depth of earlier ones, so these losses are not causal)")
+    saving = (f" Block applications saved per token against running every iteration range from "
+              f"{min(saved):.2f} to {max(saved):.2f} over the thresholds." if saved else "")
+    return (f"Solid lines: automatic exit ({who}, once its state changes by less than the "
             "threshold between iterations), one point per threshold "
             f"({', '.join(f'{t:g}' for t in thresholds)}; a larger threshold stops earlier, "
             f"further left), with at most {cap} iterations. Dashed lines: the same model at a fixed "
             "iteration count. Where a solid line lies below (loss) or above (accuracy) its dashed "
             "line, exit spends the iterations where they matter; where the points bunch at the "
-            "right, the state never settles and exit saves nothing.")
+            "right, the state never settles and exit saves nothing." + saving)
 
 
 def fig_equivalence(sec: SectionData, path: Path) -> str | None:

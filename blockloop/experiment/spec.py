@@ -54,6 +54,9 @@ EVALUATION_DEFAULTS = {
     "exit_thresholds": [0.3, 0.1, 0.03, 0.01, 0.003, 0.001],
     # The sweep may use up to this many times the trained iteration count.
     "exit_max_loops_factor": 2,
+    # "token": each token stops on its own, so every loss of the sweep is causal (no later
+    # token chose the depth of an earlier one); "sequence": whole sequences stop.
+    "exit_granularity": "token",
     "samples": 2,  # generated samples per run (token data only)
     "sample_tokens": 200,
     "sample_temperature": 0.8,
@@ -272,6 +275,9 @@ def _check_evaluation(where: str, evaluation) -> dict:
                 raise ExperimentError(f"{where}: '{name}' must be a list of numbers >= 0")
         elif key in ("test_loops", "hops"):
             _int_list(where, name, value, 1)
+        elif key == "exit_granularity":
+            if value not in ("token", "sequence"):
+                raise ExperimentError(f"{where}: '{name}' must be 'token' or 'sequence'")
         elif key == "sample_temperature":
             if not (_is_number(value) and value >= 0):
                 raise ExperimentError(f"{where}: '{name}' must be a number >= 0")
