@@ -76,6 +76,9 @@ class TrainConfig:
     min_lr: float = 6e-5
     # looping during training and evaluation
     eval_loops: list = field(default_factory=list)  # extra iteration counts to evaluate at
+    # At each evaluation of a looped model, log per group the last iteration's relative change
+    # and a Lipschitz estimate of the iteration map (blockloop.monitor).
+    loop_monitor: bool = True
     # system
     backend: str = "auto"  # DDP backend: nccl on CUDA, gloo on CPU
     device: str = "auto"

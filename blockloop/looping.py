@@ -199,10 +199,10 @@ def block_applications(plan: LoopPlan, n_layer: int, unit_iterations) -> torch.T
     return total
 
 
-def group_iterations(plan: LoopPlan, unit_iterations) -> torch.Tensor:
-    """Mean iterations run by each group's units, float (G,), from `GPT.last_loop_iterations`
-    (one tensor per unit, per sequence or per token)."""
-    per_unit = [its.float().mean() for its in unit_iterations]
+def group_means(plan: LoopPlan, unit_values) -> torch.Tensor:
+    """The mean of each group's per-unit values, float (G,): `unit_values` holds one tensor per
+    looped unit in execution order (e.g. `GPT.last_loop_iterations`), each averaged first."""
+    per_unit = [v.float().mean() for v in unit_values]
     groups = plan.unit_groups
     return torch.stack([
         torch.stack([m for m, g in zip(per_unit, groups) if g == k]).mean()
@@ -634,17 +634,20 @@ class LoopRunner(nn.Module):
         return sum(p.numel() for p in next(iter(self.adapters)).parameters())
 
     def forward(self, x, blocks, num_loops=None, loop_exit=None, exit_threshold=None,
-                kv_caches=None, lens=None, start_unit: int = 0, exit_granularity=None):
+                kv_caches=None, lens=None, start_unit: int = 0, exit_granularity=None,
+                trace: bool | None = None):
         """Apply the block stack to `x` (B, L, C): blocks outside the groups once, each looped
         unit for its group's count. `num_loops`: None (trained counts), an int for every group
         or a list per group. `lens(s) -> logits` is the logit lens ("kl"/"entropy" exit).
         `start_unit = k` continues the stack after looped unit k-1 (for analysis);
-        `exit_granularity` overrides the config's ("sequence" or "token").
+        `exit_granularity` overrides the config's ("sequence" or "token"), `trace` its
+        `loops_representation`.
         Returns (output (B, L, C), iterations per unit, LoopTrace or None)."""
         counts = self.plan.counts(num_loops)
         check_num_loops(self.config, counts if len(counts) > 1 else counts[0])
         rule = self._exit_rule(loop_exit, exit_threshold, exit_granularity)
-        trace = LoopTrace() if self.config.loops_representation else None
+        record = self.config.loops_representation if trace is None else trace
+        trace = LoopTrace() if record else None
         # Outside training, whether each iteration's state is finite is kept (no host sync) so
         # a diverged run can be reported with the iteration where it broke (`nonfinite_onset`).
         self.last_finite = None if self.training else []
@@ -655,7 +658,7 @@ class LoopRunner(nn.Module):
             g, unit = units[u]
             x = self._run_once(x, blocks, range(position, unit[0]), kv_caches)
             x, used, unit_trace = self._run_unit(u, x, blocks, counts[g], rule, kv_caches,
-                                                 lens, past)
+                                                 lens, past, record)
             iterations.append(used)
             if trace is not None:
                 trace.units.append(unit_trace)
@@ -730,9 +733,10 @@ class LoopRunner(nn.Module):
             )
         return self._apply_unit(x, unit, unit_blocks, t, kv_caches)
 
-    def _run_unit(self, u, x0, blocks, num_loops, rule, kv_caches, lens, past):
+    def _run_unit(self, u, x0, blocks, num_loops, rule, kv_caches, lens, past, record):
         unit = self.plan.unit_list[u][1]
-        run = _UnitRun(self, u, unit, [blocks[i] for i in unit], x0, num_loops, rule, lens, past)
+        run = _UnitRun(self, u, unit, [blocks[i] for i in unit], x0, num_loops, rule, lens, past,
+                       record)
         if rule is not None and rule.granularity == "token":
             run.iterate_tokens(kv_caches)
         else:
@@ -744,7 +748,7 @@ class _UnitRun:
     """One looped unit's iterations for one forward pass: the state, the exit bookkeeping and
     the recorded trajectory."""
 
-    def __init__(self, runner, u, unit, unit_blocks, x0, num_loops, rule, lens, past):
+    def __init__(self, runner, u, unit, unit_blocks, x0, num_loops, rule, lens, past, record):
         cfg = runner.config
         self.runner, self.u, self.unit, self.unit_blocks = runner, u, unit, unit_blocks
         self.x0, self.num_loops, self.rule = x0, num_loops, rule
@@ -753,7 +757,7 @@ class _UnitRun:
         batch = x0.shape[0]
         shape = x0.shape[:2] if rule is not None and rule.granularity == "token" else (batch,)
         self.iterations = torch.full(shape, num_loops, dtype=torch.long, device=x0.device)
-        self.record = cfg.loops_representation
+        self.record = record
         self.states = [self.state.detach()] if self.record else None
         self.deltas = [] if self.record else None
         self.finite = [] if getattr(runner, "last_finite", None) is not None else None

@@ -311,11 +311,13 @@ class GPT(nn.Module):
         exit_threshold: float | None = None,
         kv_caches=None,
         exit_granularity: str | None = None,
+        trace: bool | None = None,
     ):
         """Returns `(logits, loss)`. Without targets, logits for the last position only.
 
         `num_loops` (an int for every loop group, or a list per group), `loop_exit`,
-        `exit_threshold` and `exit_granularity` override the config for this call (the
+        `exit_threshold`, `exit_granularity` and `trace` (record `last_loop_trace`) override the
+        config for this call (the
         config itself is read at construction and not meant to be mutated); `kv_caches` is the
         generation cache from `blockloop.sampling`.
         """
@@ -337,7 +339,7 @@ class GPT(nn.Module):
             x, iterations, trace = self.looper(
                 x, blocks, num_loops=num_loops, loop_exit=loop_exit,
                 exit_threshold=exit_threshold, kv_caches=kv_caches, lens=self.logit_lens,
-                exit_granularity=exit_granularity,
+                exit_granularity=exit_granularity, trace=trace,
             )
             self.last_loop_trace = trace
             self.last_loop_iterations = iterations

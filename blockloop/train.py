@@ -53,12 +53,13 @@ from blockloop.errors import (
 from blockloop.evaluation import evaluate
 from blockloop.looping import (
     check_num_loops,
-    group_iterations,
+    group_means,
     is_looped,
     may_skip_gradients,
     sample_loop_counts,
 )
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
+from blockloop.monitor import MONITOR_SEQUENCES, loop_monitor
 from blockloop.pretrained import load_pretrained
 from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jsonl
 from blockloop.runtime import autocast_context, mix_seed, resolve_device, resolve_dtype
@@ -710,7 +711,7 @@ def forward_backward(t: Trainer, iter_num: int, num_loops: int | None):
         if raw.last_loop_iterations is not None:
             its = raw.last_loop_iterations
             iter_counts.append((torch.stack([i.float().mean() for i in its]).mean(),
-                                group_iterations(raw.loop_plan, its)))
+                                group_means(raw.loop_plan, its)))
     return loss_sum, iter_counts
 
 
@@ -760,7 +761,9 @@ def log_step(t: Trainer, iter_num: int, step: StepResult) -> None:
 
 def run_eval(t: Trainer, iter_num: int) -> dict:
     """The "eval" record at `iter_num`: loss (and accuracy for a task) of both splits on the
-    fixed batches, mean iterations, and the validation loss at each of `eval_loops`."""
+    fixed batches, mean iterations, the validation loss at each of `eval_loops`, and (looped
+    models, `loop_monitor`) per group the last iteration's relative change and Lipschitz
+    estimate (`blockloop.monitor`)."""
     # Loop noise in evaluation draws from the global generator: seed it from the iteration,
     # or a resumed run's first evaluation would see other noise than the uninterrupted run's.
     torch.manual_seed(mix_seed(EVAL_SEED, iter_num))
@@ -779,6 +782,9 @@ def run_eval(t: Trainer, iter_num: int) -> dict:
         record[f"val_loss@{n}"] = res.loss
         if task:
             record[f"val_accuracy@{n}"] = res.accuracy
+    if t.cfg.loop_monitor and is_looped(t.raw_model.config):
+        x, _ = t.eval_sets["val"][0]
+        record.update(loop_monitor(t.raw_model, x[:MONITOR_SEQUENCES].to(t.device)))
     return record
 
 

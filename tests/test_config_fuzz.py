@@ -142,7 +142,7 @@ SPACE = {
 }
 # Set by the harness, not drawn: where to write, quiet output, and no compilation or wandb
 # (both legal, neither about validation, and compiling takes seconds per configuration).
-FIXED = {"progress": False, "compile": False, "wandb_log": False, "eval_only": False, "overwrite_out_dir": False,
+FIXED = {"progress": False, "compile": False, "wandb_log": False, "eval_only": False, "overwrite_out_dir": False, "loop_monitor": True,
          "wandb_project": "blockloop", "wandb_run_name": "fuzz"}
 # Small sizes wherever a key is not drawn, so that the defaults (a 124M model) never train here.
 BASE = {"batch_size": 2, "block_size": 24, "n_layer": 2, "n_head": 2, "n_embd": 16, "eval_iters": 1,

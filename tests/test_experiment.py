@@ -24,7 +24,7 @@ from blockloop.experiment import (
     safe_name,
 )
 from blockloop.model import GPT, GPTConfig
-from blockloop.records import code_identity, same_code
+from blockloop.records import code_identity, read_jsonl, same_code
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "config" / "experiment_tiny.py"
@@ -519,3 +519,9 @@ def test_loop_groups_run_against_their_references_with_causal_exit_curves(tmp_pa
     assert sweep[1e9]["block_applications_saved"] > 0
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "token granularity: causal" in report
+    # The training-time monitor's curves: one Lipschitz estimate per group at each evaluation.
+    evals = [r for r in read_jsonl(tmp_path / "out" / "runs" / "main" / "two_groups-s1"
+                                   / "metrics.jsonl") if r.get("kind") == "eval"]
+    assert [len(r["loop_lipschitz"]) for r in evals] == [2, 2]
+    assert "Loop dynamics during training" in report
+    assert_valid_png(tmp_path / "out" / "report" / "main_loop_monitor.png")

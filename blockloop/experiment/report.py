@@ -75,8 +75,15 @@ def _curve(run_dir: Path) -> dict:
     def col(key):
         return np.array([np.nan if r.get(key) is None else r[key] for r in evals], dtype=float)
 
+    def per_group(key):  # (evals, groups); NaN where a record has no monitor (plain models)
+        rows = [r.get(key) or [] for r in evals]
+        width = max((len(row) for row in rows), default=0)
+        return np.array([[np.nan if v is None else v for v in row] + [np.nan] * (width - len(row))
+                         for row in rows], dtype=float).reshape(len(rows), width)
+
     return {"iters": iters, "flops": flops, "val_loss": col("val_loss"),
-            "val_accuracy": col("val_accuracy")}
+            "val_accuracy": col("val_accuracy"), "loop_lipschitz": per_group("loop_lipschitz"),
+            "loop_delta_last": per_group("loop_delta_last")}
 
 
 class SectionData:
@@ -505,6 +512,40 @@ def _mark_diverged(ax, recs, ykey, top, color) -> None:
                 label="diverged (non-finite)")
 
 
+def fig_loop_monitor(sec: SectionData, path: Path) -> str | None:
+    """Lipschitz estimate and last-iteration change of every looped variant's loop groups
+    against training steps (mean over seeds), from the training-time monitor."""
+    looped = [v for v in sec.looped()
+              if any(r["_curve"]["loop_lipschitz"].size for r in sec.by_variant[v["name"]])]
+    if not looped:
+        return None
+    fig, (ax_l, ax_d) = _new_figure(2, width=12, height=4.6)
+    for v in looped:
+        curves = [r["_curve"] for r in sec.by_variant[v["name"]] if r["_curve"]["loop_lipschitz"].size]
+        n = min(len(c["iters"]) for c in curves)
+        for g in range(curves[0]["loop_lipschitz"].shape[1]):
+            style = dict(color=sec.colors[v["name"]], linestyle=["-", "--", ":", "-."][g % 4])
+            label = v["name"] + (f" (group {g})" if curves[0]["loop_lipschitz"].shape[1] > 1 else "")
+            for ax, key in ((ax_l, "loop_lipschitz"), (ax_d, "loop_delta_last")):
+                ys = np.nanmean([c[key][:n, g] for c in curves], axis=0)
+                ax.plot(curves[0]["iters"][:n], ys, marker="o", markersize=3, label=label, **style)
+    ax_l.axhline(1.0, color="gray", linestyle=":")
+    ax_l.set_xlabel("training iteration")
+    ax_l.set_ylabel("Lipschitz estimate of the last iteration")
+    ax_l.set_title("Is the loop becoming a contraction?")
+    ax_l.grid(alpha=0.3)
+    ax_d.set_yscale("log")
+    # The legend goes beside the right panel, so it covers neither.
+    _finish(fig, ax_d, path, "training iteration", "relative change at the last iteration",
+            "Does the loop settle?")
+    return ("Left: the local Lipschitz constant of each loop group's iteration map at its last "
+            "iteration (largest singular value of its Jacobian, a few power iterations on a few "
+            "validation sequences), mean over seeds, at every evaluation. Below the dotted line "
+            "at 1 the last iteration contracts: the state is approaching a fixed point. Right: "
+            "the relative change of the state at the last iteration (log scale); falling means "
+            "more iterations change less.")
+
+
 def fig_loop_scaling(sec: SectionData, path: Path) -> str | None:
     looped = sec.looped()
     if not looped:
@@ -797,6 +838,7 @@ def _figures_markdown(sec: SectionData, report_dir: Path) -> list:
     """Draws the section's figures into `report_dir`; each with how to read it."""
     figures = [("Validation curves", "training_curves", fig_training_curves),
                ("Test-time loop scaling", "loop_scaling", fig_loop_scaling),
+               ("Loop dynamics during training", "loop_monitor", fig_loop_monitor),
                ("Automatic exit", "exit_sweep", fig_exit_sweep),
                ("Recurrence equivalence", "recurrence_equivalence", fig_equivalence)]
     if sec.is_task:
