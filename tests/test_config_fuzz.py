@@ -139,6 +139,19 @@ SPACE = {
                       bad_choice("fixed", "uniform", "poisson_lognormal")),
     "loop_backprop_depth": (ints(0, 3), bad_int(0)),
     "loop_checkpointing": BOOL,
+    # Second-generation looping. The legal draws keep the centre/radius form (their cross-key
+    # rules with loop_groups are tested in test_loop_groups.py); the hostile ones are refused
+    # on their own.
+    "loop_groups": (st.just([]), st.sampled_from([[[5, 2]], [[0]], "abc", [[1.5, 2]], [[-1, 0]],
+                                                  [[0, 10**9]], [[1, 1], [0, 0]]])),
+    "loop_counts": (st.just([]), st.sampled_from([[0], [10**9], ["x"], [1.5], [-2]])),
+    "loop_state_init": (choice("input"), bad_choice("input", "noise")),
+    "loop_state_norm": (choice("none", "layernorm"), bad_choice("none", "layernorm")),
+    "automatic_loop_exit_criterion": (choice("relative_change", "kl", "entropy", "delta_change"),
+                                      bad_choice("relative_change", "kl", "entropy",
+                                                 "delta_change")),
+    "automatic_loop_exit_granularity": (choice("sequence", "token"),
+                                        bad_choice("sequence", "token")),
 }
 # Set by the harness, not drawn: where to write, quiet output, and no compilation or wandb
 # (both legal, neither about validation, and compiling takes seconds per configuration).
