@@ -53,9 +53,26 @@ from matplotlib.figure import Figure
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
 from blockloop.config import TrainConfig
-from blockloop.errors import AnalysisError, ConfigError, run_command
+from blockloop.dynamics import (
+    DEFAULT_FATE_FACTOR,
+    DEFAULT_LIPSCHITZ_ITERS,
+    DEFAULT_LIPSCHITZ_SEQUENCES,
+    FATES,
+    cka_across,
+    jacobian_sigma_max,
+    loop_dynamics,
+)
+from blockloop.errors import AnalysisError, CheckpointError, ConfigError, run_command
 from blockloop.evaluation import eval_mode, evaluate, exit_sweep, loop_scaling
-from blockloop.looping import check_num_loops, is_looped, scaling_loop_counts
+from blockloop.looping import (
+    MAX_LOOPS_LIMIT,
+    LoopPlan,
+    check_num_loops,
+    effective_depth,
+    is_looped,
+    scaling_loop_counts,
+    trained_counts,
+)
 from blockloop.model import GPT, GPTConfig
 from blockloop.records import atomic_write_json, finite_or_none, jsonable
 from blockloop.runtime import autocast_context, resolve_device, resolve_dtype
@@ -75,6 +92,9 @@ DEFAULT_CKA_TOKENS = 512
 DEFAULT_PCA_TOKENS = 8
 # Seeds the token subsets (and loop noise, if the model draws it in eval) so reruns agree.
 ANALYSIS_SEED = 0
+# Allowed ranges of the dynamics options (a typo must not start hours of power iteration).
+DYNAMICS_LIMITS = {"fate_factor": (1, 64), "lipschitz_sequences": (1, 4096),
+                   "lipschitz_iters": (1, 1000)}
 
 FIGURES = {
     "dynamics": (
@@ -485,6 +505,10 @@ def analyze_model(
     cka_tokens: int = DEFAULT_CKA_TOKENS,
     pca_tokens: int = DEFAULT_PCA_TOKENS,
     token_labels=None,
+    fate_factor: int = DEFAULT_FATE_FACTOR,
+    lipschitz_sequences: int = DEFAULT_LIPSCHITZ_SEQUENCES,
+    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS,
+    compare_model: GPT | None = None,
 ) -> dict:
     """Every metric of this module for `model` on `batches` (a list of (x, y), int64 (B, L),
     y = -1 unscored); JSON-ready, losses in nats per token, NaN (undefined) as None.
@@ -497,7 +521,12 @@ def analyze_model(
     `_default_thresholds`. `loop_counts` (default `looping.scaling_loop_counts` with `num_loops`)
     are the loop-scaling counts. `token_labels(id) -> str` names tokens in the PCA legend.
     `model_loss`, `loop_scaling`, `exit` and `exit_sweep` come from `blockloop.evaluation`.
-    Raises AnalysisError without a trace, without batches or for a count the model cannot run.
+    `dynamics` is `dynamics.loop_dynamics` (per unit and iteration, with bootstrap intervals:
+    step statistics, logit lens, Lipschitz constants on `lipschitz_sequences` sequences with at
+    most `lipschitz_iters` power iterations, fates after `fate_factor` x the trained counts);
+    with a plain `compare_model`, `loop_against_layer` is `loop_against_layer(model,
+    compare_model, ...)`. Raises AnalysisError without a trace, without batches, for a count the
+    model cannot run, for a bad dynamics option or an incomparable `compare_model`.
     """
     _require_trace(model)
     if not batches:
@@ -516,6 +545,12 @@ def analyze_model(
         unit["exit_histogram"] = _histogram(its, T)
     sweep = set(_default_thresholds(accs, T) if thresholds is None else thresholds)
     scaling = loop_scaling(model, batches, counts, **ev)
+    extra = {"dynamics": _dynamics(model, batches, num_loops, fate_factor, lipschitz_sequences,
+                                   lipschitz_iters, **ev)}
+    if compare_model is not None:
+        extra["loop_against_layer"] = loop_against_layer(
+            model, compare_model, batches, num_loops=num_loops, cka_tokens=cka_tokens, **ev
+        )
     return jsonable({
         "num_loops": T,
         "trained_loops": cfg.max_loops,
@@ -530,7 +565,141 @@ def analyze_model(
         "exit": {"threshold": exit_threshold, **exit_run.to_dict()},
         "exit_sweep": exit_sweep(model, batches, sweep | {exit_threshold}, T, **ev),
         "loop_scaling": scaling,
+        **extra,
     })
+
+
+def _dynamics(model: GPT, batches, num_loops, fate_factor, lipschitz_sequences,
+              lipschitz_iters, **ev) -> dict:
+    """`loop_dynamics` with its option errors reported as AnalysisError (one line)."""
+    check_dynamics_options(model.config, fate_factor, lipschitz_sequences, lipschitz_iters)
+    return loop_dynamics(model, batches, num_loops, fate_factor, lipschitz_sequences,
+                         lipschitz_iters, **ev)
+
+
+def check_dynamics_options(config, fate_factor, lipschitz_sequences, lipschitz_iters) -> None:
+    """AnalysisError unless the dynamics options are integers in their ranges
+    (`DYNAMICS_LIMITS`) and fate_factor x the largest trained count is a count models can run."""
+    values = {"fate_factor": fate_factor, "lipschitz_sequences": lipschitz_sequences,
+              "lipschitz_iters": lipschitz_iters}
+    for key, value in values.items():
+        low, high = DYNAMICS_LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise AnalysisError(f"{key}={value!r}: must be an integer in [{low}, {high}]")
+    top = max(trained_counts(config))
+    if fate_factor * top > MAX_LOOPS_LIMIT:
+        raise AnalysisError(
+            f"fate_factor={fate_factor}: {fate_factor} x the trained count {top} exceeds the "
+            f"iteration limit {MAX_LOOPS_LIMIT}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# loop against layer: the iterates of a looped model against a plain model's block outputs
+
+
+def plain_block_outputs(model: GPT, idx) -> torch.Tensor:
+    """The residual streams h_0 .. h_n of a plain model on token ids idx (B, L): h_0 is the
+    embedding drop(wte(idx) + wpe(pos)), h_i the output of block i-1; (n_layer+1, B, L, C)."""
+    pos = torch.arange(idx.shape[1], dtype=torch.long, device=idx.device)
+    x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))
+    outputs = [x]
+    for block in model.transformer.h:
+        x = block(x)
+        outputs.append(x)
+    return torch.stack(outputs)
+
+
+def check_comparable(looped: GPT, plain: GPT, name: str = "the plain run") -> None:
+    """AnalysisError unless `plain` is a plain model that reads the same tokens as `looped`
+    (same vocab_size and block_size), so both can see the same idx."""
+    if plain.looper is not None:
+        raise AnalysisError(f"{name} loops; --compare_to needs a plain run (loop_center_idx=-1)")
+    for key in ("vocab_size", "block_size"):
+        a, b = getattr(looped.config, key), getattr(plain.config, key)
+        if a != b:
+            raise AnalysisError(
+                f"{name} has {key}={b} but the looped model has {key}={a}; both must read the "
+                "same token ids"
+            )
+
+
+def matched_layers(config, num_loops=None) -> list[list[int]]:
+    """Per looped unit, the depth of each iterate s_0 .. s_T in the unrolled stack: the number
+    of blocks applied before it (s_0 of a unit whose first block is b, after earlier units added
+    e extra applications, sits at b + e; each iteration adds len(unit)). A depth-matched plain
+    model's h_d is where iterate t would sit if the loop imitated depth."""
+    plan = LoopPlan.from_config(config)
+    counts, extra, out = plan.counts(num_loops), 0, []
+    for g, unit in plan.unit_list:
+        base, T = unit[0] + extra, counts[g]
+        out.append([base + t * len(unit) for t in range(T + 1)])
+        extra += len(unit) * (T - 1)
+    return out
+
+
+def _best(row: torch.Tensor) -> tuple:
+    """(argmax, max) of a CKA row ignoring NaN; (None, None) if it is all NaN."""
+    finite = torch.nan_to_num(row, nan=-math.inf)
+    if not bool(torch.isfinite(finite).any()):
+        return None, None
+    j = int(finite.argmax())
+    return j, float(row[j])
+
+
+def _layer_unit(cka: torch.Tensor, unit: tuple, matched: list[int]) -> dict:
+    """The per-unit entry of `loop_against_layer` from its (T+1, n+1) CKA matrix."""
+    g, blocks = unit
+    n = cka.shape[1] - 1
+    best = [_best(row) for row in cka]
+    return {
+        "group": g, "blocks": list(blocks), "cka": cka.tolist(),
+        "best_layer": [b for b, _ in best], "best_cka": [v for _, v in best],
+        "matched_layer": [d if d <= n else None for d in matched],
+        "matched_cka": [float(cka[t, d]) if d <= n else None for t, d in enumerate(matched)],
+    }
+
+
+@torch.no_grad()
+def loop_against_layer(
+    looped_model: GPT, plain_model: GPT, batches, device="cpu", *, num_loops=None, ctx=None,
+    cka_tokens: int = DEFAULT_CKA_TOKENS,
+) -> dict:
+    """Linear CKA (Kornblith et al. 2019; `dynamics.cka_across`) between each iterate s_0 .. s_T
+    of every looped unit of `looped_model` and each block output h_0 (embedding) .. h_n of
+    `plain_model`, on the same tokens: both models see the same idx of `batches` ((x, y) int64
+    (B, L)); `cka_tokens` token positions (spread over the batches, seeded) are compared. Eval
+    mode, `num_loops` iterations (None: the trained counts), no automatic exit, autocast `ctx`.
+
+    Returns {"plain_n_layer", "looped_effective_depth", "tokens", "units": [{"group", "blocks",
+    "cka": (T+1, n+1) nested lists in [0, 1] (None where a representation is constant),
+    "best_layer"/"best_cka" per iterate, "matched_layer"/"matched_cka": the layer at the
+    iterate's depth in the unrolled stack (`matched_layers`; None beyond the plain model)}]}. If
+    iterate t lines up with its matched layer the loop imitates depth; if not, it computes
+    something else. Raises AnalysisError if `plain_model` loops or reads other tokens
+    (`check_comparable`), or the looped model has no loop.
+    """
+    check_comparable(looped_model, plain_model)
+    looped = tracing_copy(looped_model)
+    _require_trace(looped)
+    gen = torch.Generator().manual_seed(ANALYSIS_SEED)
+    per_batch = math.ceil(cka_tokens / max(len(batches), 1))
+    iterates, layers = [[] for _ in looped.loop_plan.units], []
+    with eval_mode(looped), eval_mode(plain_model), (nullcontext() if ctx is None else ctx):
+        for x, _ in batches:
+            x = x.to(device)
+            looped(x, num_loops=num_loops, loop_exit=False)
+            rows = _pick_rows(x.numel(), per_batch, gen).to(device)
+            for acc, unit in zip(iterates, looped.last_loop_trace.units):
+                acc.append(unit.states.flatten(1, 2)[:, rows].float().cpu())
+            layers.append(plain_block_outputs(plain_model, x).flatten(1, 2)[:, rows].float().cpu())
+    h = torch.cat(layers, dim=1)
+    matched = matched_layers(looped.config, num_loops)
+    units = [_layer_unit(cka_across(torch.cat(acc, dim=1), h), unit, m)
+             for acc, unit, m in zip(iterates, looped.loop_plan.unit_list, matched)]
+    return {"plain_n_layer": plain_model.config.n_layer,
+            "looped_effective_depth": effective_depth(looped.config, num_loops),
+            "tokens": int(h.shape[1]), "units": units}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,6 +993,25 @@ def _load_looped(path: Path, device: str) -> tuple[GPT, dict]:
     return model, payload
 
 
+def _compare_checkpoint(compare_to) -> Path:
+    """The checkpoint file (best.pt, else last.pt) of the plain run `compare_to`; AnalysisError
+    naming --compare_to if it is not a run directory."""
+    if not Path(compare_to).is_dir():
+        raise AnalysisError(f"compare_to {str(compare_to)!r} does not exist or is not a directory")
+    try:
+        return find_run_checkpoint(compare_to, "auto")
+    except CheckpointError as e:
+        raise AnalysisError(f"compare_to: {e}") from None
+
+
+def _load_plain(path: Path, device: str, looped: GPT) -> GPT:
+    """The plain model of checkpoint `path` in eval mode on `device`, checked against `looped`
+    (`check_comparable`). Raises CheckpointError or AnalysisError."""
+    plain, _ = load_model(path, device)
+    check_comparable(looped, plain, name=f"compare_to {path}")
+    return plain
+
+
 def _train_config(payload: dict, batches: int, data_dir: str | None) -> TrainConfig:
     """The run's TrainConfig (keys this version knows), with `data_dir` if given and at most
     `batches` evaluation batches. Raises ConfigError if it is not valid here."""
@@ -870,28 +1058,39 @@ def analyze_checkpoint(
     checkpoint: str = "auto",
     data_dir: str | None = None,
     thresholds=None,
+    compare_to=None,
+    fate_factor: int = DEFAULT_FATE_FACTOR,
+    lipschitz_sequences: int = DEFAULT_LIPSCHITZ_SEQUENCES,
+    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS,
 ) -> dict:
     """Analyse the checkpoint in `out_dir` (best.pt, else last.pt) on `batches` validation
     batches and write the report to `report_dir` (default `<out_dir>/analysis`).
 
     Every pass runs under the run's own autocast dtype (its train_config `dtype` resolved for
-    `device`). Returns the `analyze_model` result plus the header and the report's file paths
-    (`report`). Raises a BlockloopError (AnalysisError, ConfigError for the device,
-    CheckpointError, DataError) with a one-line reason when it cannot run.
+    `device`). `compare_to`: a plain run's out_dir (its best.pt, else last.pt), compared layer
+    by layer with the loop (`loop_against_layer`); the dynamics options go to `analyze_model`.
+    Returns the `analyze_model` result plus the header and the report's file paths (`report`).
+    Raises a BlockloopError (AnalysisError, ConfigError for the device, CheckpointError,
+    DataError) with a one-line reason when it cannot run, before any analysis.
     """
     if batches < 1:
         raise AnalysisError(f"batches={batches}: must be >= 1")
     device = resolve_device(device)
+    compare_path = None if compare_to is None else _compare_checkpoint(compare_to)
     path = find_run_checkpoint(out_dir, checkpoint)
     model, payload = _load_looped(path, device)
     if num_loops is not None:
         _check_loops(model.config, num_loops)
+    check_dynamics_options(model.config, fate_factor, lipschitz_sequences, lipschitz_iters)
+    plain = None if compare_path is None else _load_plain(compare_path, device, model)
     cfg = _train_config(payload, batches, data_dir)
     dtype = _run_dtype(cfg, device)
     val, namer = _validation_data(cfg, batches, payload.get("meta") or {})
     result = analyze_model(
         model, val, num_loops=num_loops, device=device, ctx=autocast_context(device, dtype),
-        thresholds=thresholds, token_labels=namer,
+        thresholds=thresholds, token_labels=namer, fate_factor=fate_factor,
+        lipschitz_sequences=lipschitz_sequences, lipschitz_iters=lipschitz_iters,
+        compare_model=plain,
     )
     header = {
         "checkpoint": str(path),
@@ -900,6 +1099,8 @@ def analyze_checkpoint(
         "dataset": payload.get("train_config", {}).get("dataset"),
         "dtype": dtype,
     }
+    if compare_path is not None:
+        header["compare_to"] = str(compare_path)
     out_dir = Path(out_dir)
     report = write_report(result, Path(report_dir) if report_dir else out_dir / "analysis", header)
     return {**jsonable(header), **result, "report": report}
@@ -919,6 +1120,22 @@ def _thresholds(text: str) -> list[float]:
     return values
 
 
+def _count(key: str):
+    """An argparse type: an integer within DYNAMICS_LIMITS[key]."""
+    low, high = DYNAMICS_LIMITS[key]
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be in [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `blockloop analyze` argument parser (options, defaults and help)."""
     parser = argparse.ArgumentParser(
@@ -927,8 +1144,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Analyse what a looped model's representation does across loop iterations, on the "
             "fixed validation batches of its training data: relative change, cosines, norms, "
             "logit lens, exit iterations and a threshold sweep, PCA trajectories, CKA between "
-            "iterations, and validation loss at other iteration counts. Writes analysis.json, "
-            "PNG figures and analysis.md."
+            "iterations, and validation loss at other iteration counts; loop dynamics with "
+            "95% bootstrap intervals over sequences (step norm, relative change, angle between "
+            "steps, Lipschitz constant of the iteration map, logit-lens loss, entropy and KL, "
+            "trajectory fates, box-counting dimension); with --compare_to, CKA of each iterate "
+            "against each layer of a plain run. Writes analysis.json, PNG figures and "
+            "analysis.md."
         ),
         epilog="example: blockloop analyze --out_dir=out-shakespeare-char-loop-tied --num_loops=8",
     )
@@ -948,6 +1169,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated exit thresholds for the sweep (default: "
              f"{','.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)} plus quantiles of the observed "
              "relative changes)")
+    add("--compare_to", default=None, metavar="DIR",
+        help="a plain run's out_dir: linear CKA between each loop iterate and each of its block "
+             "outputs (loop against layer)")
+    add("--fate_factor", type=_count("fate_factor"), default=DEFAULT_FATE_FACTOR,
+        help="trajectory fates after this many times the trained count of iterations "
+             f"(default: {DEFAULT_FATE_FACTOR})")
+    add("--lipschitz_sequences", type=_count("lipschitz_sequences"),
+        default=DEFAULT_LIPSCHITZ_SEQUENCES,
+        help="sequences on which the Lipschitz constant is estimated per iteration "
+             f"(default: {DEFAULT_LIPSCHITZ_SEQUENCES})")
+    add("--lipschitz_iters", type=_count("lipschitz_iters"), default=DEFAULT_LIPSCHITZ_ITERS,
+        help=f"power iterations at most per estimate (default: {DEFAULT_LIPSCHITZ_ITERS})")
     return parser
 
 
@@ -966,6 +1199,8 @@ def _analyze_command(args) -> int:
     result = analyze_checkpoint(
         args.out_dir, args.report_dir, args.num_loops, args.batches, args.device,
         checkpoint=args.checkpoint, data_dir=args.data_dir, thresholds=args.thresholds,
+        compare_to=args.compare_to, fate_factor=args.fate_factor,
+        lipschitz_sequences=args.lipschitz_sequences, lipschitz_iters=args.lipschitz_iters,
     )
     print(
         f"analysed {result['checkpoint']} at {result['num_loops']} iterations: model loss "
