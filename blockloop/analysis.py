@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
 from blockloop.config import TrainConfig
@@ -144,6 +146,41 @@ FIGURES = {
         "Validation loss at a fixed number of iterations, including counts beyond the trained one "
         "(dashed line); a curve that keeps falling or stays flat past the line extrapolates, one "
         "that rises does not.",
+    ),
+    "loop_dynamics": (
+        "loop_dynamics.png",
+        "One row per looped unit, mean over validation sequences per iteration t with a 95% "
+        "bootstrap band: the step norm and the relative change falling towards 0 mean the loop "
+        "settles; the cosine between successive steps near -1 means the state flips back and "
+        "forth (a 2-cycle), near +1 that it keeps drifting one way; a Lipschitz constant below "
+        "the dashed line at 1 means the iteration map contracts around the trajectory (nearby "
+        "states move closer), above 1 that it expands them.",
+    ),
+    "loop_lens": (
+        "loop_lens.png",
+        "The logit lens at each iterate (mean with 95% bootstrap band): loss and entropy of the "
+        "next-token distribution if the loop stopped at t, and the KL divergence between the "
+        "distributions of consecutive iterates (log scale); a KL that falls by orders of "
+        "magnitude means later iterations no longer change the prediction.",
+    ),
+    "loop_fates": (
+        "loop_fates.png",
+        "Left: what each token's trajectory does when the loop runs several times its trained "
+        "count (fixed point, cycle with its period, diverging, or undecided 'wandering'); right: "
+        "box counting on all those iterates projected on their two main principal components, "
+        "whose slope over the stated box sides is the box-counting dimension (about 0 for "
+        "points, 1 for curves, 2 for a filled area).",
+    ),
+}
+# Drawn only when the result has "loop_against_layer" (`analyze --compare_to`).
+COMPARE_FIGURES = {
+    "loop_vs_layer": (
+        "loop_vs_layer.png",
+        "Linear CKA between each loop iterate (rows) and each block output of the plain model "
+        "(columns; 0 = embedding); red squares mark the layer at the iterate's depth in the "
+        "unrolled stack, white dots the best-matching layer: if the bright cells follow the red "
+        "squares the loop imitates depth, if they stay in one column or elsewhere it computes "
+        "something else.",
     ),
 }
 
@@ -898,6 +935,172 @@ def _plot_loop_scaling(res, path):
             title="Test-time loop scaling")
 
 
+# ---- loop dynamics figures (result["dynamics"], result["loop_against_layer"])
+
+DYNAMICS_PANELS = (
+    ("step_norm", "step norm ||s_t - s_(t-1)||", True),
+    ("delta", "relative change delta_t", True),
+    ("cos", "cos(step t, step t-1)", False),
+    ("lipschitz", "Lipschitz constant at s_(t-1)", False),
+)
+LENS_PANELS = (
+    ("lens_loss", "logit-lens loss (nats)", False),
+    ("lens_entropy", "logit-lens entropy (nats)", False),
+    ("lens_kl_prev", "KL(p_t || p_(t-1)) (nats)", True),
+)
+
+
+# Tick labels such as 0.25 rather than 2.5 x 10^-1 on log axes spanning less than a decade.
+_SHORT = FuncFormatter(lambda v, _: f"{v:.2g}")
+
+
+def _band(ax, rows: list[dict], key: str, color: str, log: bool) -> None:
+    """Mean of `key` over iterations with its bootstrap interval as a band. Non-finite values
+    (None in the result: undefined or diverged) are not drawn; where a diverged run left gaps
+    after defined values, the panel says so."""
+    t = np.array([r["t"] for r in rows])
+    mean, low, high = (_nan([r[key][part] for r in rows]) for part in ("mean", "low", "high"))
+    if log:  # a log axis cannot show values <= 0
+        mean, low, high = (np.where(v > 0, v, np.nan) for v in (mean, low, high))
+    ax.plot(t, mean, "o-", color=color, ms=3.5)
+    ax.fill_between(t, low, high, color=color, alpha=0.25, lw=0)
+    defined = np.flatnonzero(np.isfinite(mean))
+    if defined.size and not np.isfinite(mean[defined[0]:]).all():
+        ax.text(0.02, 0.02, "non-finite values not drawn", transform=ax.transAxes,
+                color="red", fontsize=8)
+    if log and defined.size:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_SHORT)
+        ax.yaxis.set_minor_formatter(_SHORT)
+
+
+def _panel_grid(res, panels, path, title: str, lipschitz_line: bool = False) -> None:
+    """One row per looped unit, one column per panel of (key, label, log y)."""
+    units = res["dynamics"]["units"]
+    fig = _new_figure(3.4 * len(panels), 2.7 * len(units) + 0.5)
+    axes = np.array(fig.subplots(len(units), len(panels), squeeze=False))
+    for i, unit in enumerate(units):
+        for j, (key, label, log) in enumerate(panels):
+            ax = axes[i, j]
+            _band(ax, unit["rows"], key, f"C{i}", log)
+            if lipschitz_line and key == "lipschitz":
+                ax.axhline(1.0, color="gray", ls="--", lw=1, label="1: contraction boundary")
+                ax.legend(fontsize=7, loc="best")
+            ax.set_title(f"{_unit_label(unit)}: {label}" if len(units) > 1 else label, fontsize=9)
+            ax.set_xticks(range(0, unit["num_loops"] + 1, math.ceil((unit["num_loops"] + 1) / 9)))
+            ax.grid(alpha=0.3)
+            if i == len(units) - 1:
+                ax.set_xlabel("iteration t")
+    dyn = res["dynamics"]
+    fig.suptitle(f"{title} (mean over {dyn['sequences']} sequences, band = "
+                 f"{100 * dyn['confidence']:.0f}% bootstrap interval)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_loop_dynamics(res, path):
+    _panel_grid(res, DYNAMICS_PANELS, path, "Loop dynamics", lipschitz_line=True)
+
+
+def _plot_loop_lens(res, path):
+    lens = res["dynamics"]["lens"]
+    _panel_grid(res, LENS_PANELS, path, f"Logit lens ({lens}) per iteration")
+
+
+def _fate_label(unit: dict) -> str:
+    fate = unit["fate"]
+    if "skipped" in fate:
+        return f"{_unit_label(unit)}\n(skipped)"
+    periods = ", ".join(f"{p}: {n}" for p, n in fate["cycle_periods"].items())
+    text = f"{_unit_label(unit)}, T={fate['num_loops']}"
+    return f"{text}\ncycle periods {periods}" if periods else text
+
+
+def _plot_fates(ax, units) -> None:
+    """Stacked horizontal bars: the fraction of tokens per fate, one bar per unit."""
+    colors = {"fixed_point": "C2", "cycle": "C1", "diverging": "C3", "wandering": "C7"}
+    left = np.zeros(len(units))
+    for fate in FATES:
+        widths = np.array([u["fate"].get("fractions", {}).get(fate, 0.0) or 0.0 for u in units])
+        ax.barh(range(len(units)), widths, left=left, color=colors[fate], height=0.5,
+                label=fate.replace("_", " "))
+        for k, (w, l0) in enumerate(zip(widths, left)):
+            if w >= 0.08:
+                ax.text(l0 + w / 2, k, f"{100 * w:.0f}%", ha="center", va="center", fontsize=8)
+        left += widths
+    ax.set_yticks(range(len(units)))
+    ax.set_yticklabels([_fate_label(u) for u in units], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set(xlabel="fraction of tokens", title="Trajectory fate after long runs")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+
+
+def _plot_box_counting(ax, units) -> None:
+    """log N(eps) against log(1/eps) per unit, with the least-squares line over the fit range."""
+    for k, unit in enumerate(units):
+        box = unit["fate"].get("box_counting") or {}
+        if box.get("dimension") is None:
+            ax.plot([], [], color=f"C{k}",
+                    label=f"{_unit_label(unit)}: n/a ({box.get('reason', 'skipped')})"[:70])
+            continue
+        x, y = -_nan(box["log_eps"]), _nan(box["log_counts"])
+        slope, icept = np.polyfit(x, y, 1)
+        low, high = box["fit_range"]
+        ax.plot(x, y, "o", color=f"C{k}")
+        ax.plot(x, slope * x + icept, "-", color=f"C{k}",
+                label=f"{_unit_label(unit)}: D = {box['dimension']:.2f} "
+                      f"(box side {low:.3g} to {high:.3g})")
+    ax.set(xlabel="log(1 / box side)", ylabel="log(occupied boxes)",
+           title="Box counting on PCA-projected trajectories")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_loop_fates(res, path):
+    units = res["dynamics"]["units"]
+    fig = _new_figure(12, 1.0 * len(units) + 3.2)
+    ax_f, ax_b = fig.subplots(1, 2)
+    _plot_fates(ax_f, units)
+    _plot_box_counting(ax_b, units)
+    fig.suptitle(f"Long runs: {res['dynamics']['fate_factor']} x the trained iteration count",
+                 fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_loop_vs_layer(res, path):
+    cmp_ = res["loop_against_layer"]
+    units = cmp_["units"]
+    fig = _new_figure(4.0 + 0.45 * (cmp_["plain_n_layer"] + 1) * len(units), 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(units)))
+    for ax, unit in zip(axes, units):
+        m = _nan(unit["cka"])
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto")
+        rows, cols = m.shape
+        if rows * cols <= 200:
+            for i in range(rows):
+                for j in range(cols):
+                    ax.text(j, i, "" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center",
+                            va="center", fontsize=7, color="white" if m[i, j] < 0.5 else "black")
+        for t, d in enumerate(unit["matched_layer"]):
+            if d is not None:
+                ax.add_patch(Rectangle((d - 0.5, t - 0.5), 1, 1, fill=False, ec="red", lw=2.2))
+        for t, b in enumerate(unit["best_layer"]):
+            if b is not None:
+                ax.add_patch(Rectangle((b - 0.36, t - 0.36), 0.72, 0.72, fill=False,
+                                       ec="white", lw=1.2, ls="--"))
+        ax.plot([], [], "s", mfc="none", mec="red", mew=2, label="depth-matched layer")
+        ax.plot([], [], "s", mfc="none", mec="gray", ls="none", label="best layer (dashed)")
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(rows))
+        ax.set(xlabel="plain model layer (0 = embedding)", ylabel="loop iterate t",
+               title=f"{_unit_label(unit)}: linear CKA")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.colorbar(im, ax=list(axes), label="linear CKA", shrink=0.9)
+    _save(fig, path)
+
+
 _PLOTTERS = {
     "dynamics": _plot_dynamics,
     "norm": _plot_norm,
@@ -907,6 +1110,10 @@ _PLOTTERS = {
     "pca": _plot_pca,
     "cka": _plot_cka,
     "loop_scaling": _plot_loop_scaling,
+    "loop_dynamics": _plot_loop_dynamics,
+    "loop_lens": _plot_loop_lens,
+    "loop_fates": _plot_loop_fates,
+    "loop_vs_layer": _plot_loop_vs_layer,
 }
 
 
@@ -917,6 +1124,89 @@ def _fmt(v, spec=".4f", missing="n/a") -> str:
 def _loss(v) -> str:
     """A loss for the report; None in the result means it was not finite: the run diverged."""
     return _fmt(v, missing="diverged (non-finite)")
+
+
+def report_figures(result: dict) -> dict:
+    """The figures of a result: FIGURES (the loop-dynamics ones where it has "dynamics") and
+    COMPARE_FIGURES where it has "loop_against_layer"; name -> (file name, how to read it)."""
+    out = {k: v for k, v in FIGURES.items()
+           if not k.startswith("loop_") or k == "loop_scaling" or "dynamics" in result}
+    if "loop_against_layer" in result:
+        out.update(COMPARE_FIGURES)
+    return out
+
+
+def _ci(cell: dict, spec: str = ".3g") -> str:
+    """'mean [low, high]' of a bootstrap cell; n/a where undefined, 'non-finite' where the mean
+    is missing but values were counted (a diverged run)."""
+    if cell["mean"] is None:
+        return "non-finite" if cell.get("n") else "n/a"
+    if cell["low"] is None or cell["high"] is None:
+        return format(cell["mean"], spec)
+    return f"{cell['mean']:{spec}} [{cell['low']:{spec}}, {cell['high']:{spec}}]"
+
+
+DYNAMICS_COLUMNS = (("step_norm", "step norm"), ("delta", "delta_t"), ("cos", "cos of steps"),
+                    ("state_norm", "state norm"), ("lipschitz", "Lipschitz"),
+                    ("lens_loss", "lens loss"), ("lens_entropy", "lens entropy"),
+                    ("lens_kl_prev", "KL to t-1"))
+
+
+def _fate_text(fate: dict) -> str:
+    if "skipped" in fate:
+        return f"- fates at {fate['num_loops']} iterations: skipped ({fate['skipped']})"
+    fractions = ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%"
+                          for k, v in fate["fractions"].items())
+    periods = ", ".join(f"period {p}: {n}" for p, n in fate["cycle_periods"].items()) or "none"
+    box = fate["box_counting"]
+    if box["dimension"] is None:
+        dim = f"n/a ({box.get('reason')})"
+    else:
+        dim = (f"{box['dimension']:.2f}, fit over box sides {box['fit_range'][0]:.3g} to "
+               f"{box['fit_range'][1]:.3g} (PCA units), {box['points']} points")
+    return (f"- fates of {fate['tokens']} tokens at {fate['num_loops']} iterations: {fractions}; "
+            f"cycles: {periods}\n- box-counting dimension of the PCA-projected trajectories: {dim}")
+
+
+def _dynamics_markdown(res: dict) -> list[str]:
+    dyn = res["dynamics"]
+    lip = dyn["lipschitz"]
+    lines = [
+        "## Loop dynamics", "",
+        f"Mean over {dyn['sequences']} validation sequences (each first averaged over its tokens) "
+        f"with a {100 * dyn['confidence']:.0f}% bootstrap interval ({dyn['bootstrap']['method']}, "
+        f"{dyn['bootstrap']['n_resamples']} resamples of the sequences). Norms in the residual "
+        f"stream's units; lens quantities in nats (logit lens: {dyn['lens']}). Lipschitz: "
+        f"largest singular value of the Jacobian of the iteration map at s_(t-1), on "
+        f"{lip['sequences']} sequences, power iteration with at most "
+        f"{lip['max_power_iterations']} rounds (tol {lip['tol']:g}).", "",
+    ]
+    header = "| t | " + " | ".join(name for _, name in DYNAMICS_COLUMNS) + " |"
+    for unit in dyn["units"]:
+        lines += [f"### {_unit_label(unit)}", "", header,
+                  "|---:|" + "---:|" * len(DYNAMICS_COLUMNS)]
+        lines += [f"| {row['t']} | " + " | ".join(_ci(row[k]) for k, _ in DYNAMICS_COLUMNS) + " |"
+                  for row in unit["rows"]]
+        lines += ["", _fate_text(unit["fate"]), ""]
+    return lines
+
+
+def _layer_markdown(res: dict) -> list[str]:
+    cmp_ = res["loop_against_layer"]
+    lines = ["## Loop against layer", "",
+             f"Linear CKA on {cmp_['tokens']} tokens against a plain model with "
+             f"{cmp_['plain_n_layer']} blocks (the looped model's effective depth is "
+             f"{cmp_['looped_effective_depth']}).", ""]
+    for unit in cmp_["units"]:
+        lines += [f"### {_unit_label(unit)}", "",
+                  "| iterate t | depth-matched layer | CKA there | best layer | its CKA |",
+                  "|---:|---:|---:|---:|---:|"]
+        for t, (d, dc, b, bc) in enumerate(zip(unit["matched_layer"], unit["matched_cka"],
+                                               unit["best_layer"], unit["best_cka"])):
+            lines.append(f"| {t} | {_fmt(d, 'd')} | {_fmt(dc, '.3f')} | {_fmt(b, 'd')} | "
+                         f"{_fmt(bc, '.3f')} |")
+        lines.append("")
+    return lines
 
 
 def _markdown(res: dict, header: dict) -> str:
@@ -950,8 +1240,13 @@ def _markdown(res: dict, header: dict) -> str:
         f"| {p['threshold']:g} | {p['mean_iterations']:.2f} | {_loss(p['loss'])} |"
         for p in res["exit_sweep"]
     ]
-    lines += ["", "## Figures", ""]
-    for name, (filename, sentence) in FIGURES.items():
+    lines.append("")
+    if "dynamics" in res:
+        lines += _dynamics_markdown(res)
+    if "loop_against_layer" in res:
+        lines += _layer_markdown(res)
+    lines += ["## Figures", ""]
+    for name, (filename, sentence) in report_figures(res).items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({filename})", "", sentence, ""]
     return "\n".join(lines)
 
@@ -965,7 +1260,7 @@ def write_report(result: dict, report_dir, header: dict | None = None) -> dict:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
-    for name, (filename, _) in FIGURES.items():
+    for name, (filename, _) in report_figures(result).items():
         _PLOTTERS[name](result, report_dir / filename)
         figures[name] = str(report_dir / filename)
     header = header or {}

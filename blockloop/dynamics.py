@@ -635,15 +635,23 @@ def _collect(model, batches, num_loops, lens, keep: int, device, ctx) -> tuple[l
 
 def _lipschitz(model, unit_index: int, x0, states, iters: int, tol: float) -> torch.Tensor:
     """sigma_max of the iteration map of unit `unit_index` at s_(t-1), t = 1 .. T, for each
-    kept sequence: float64 (T+1, n), NaN at t = 0. In the model's dtype, without autocast."""
+    kept sequence: float64 (T+1, n), NaN at t = 0. In the model's dtype, without autocast.
+
+    The map s_(t-1) -> s_t is one function of s for every t >= 2 (the loop's definition:
+    u_t = inject(s_(t-1), x0); t only matters at t = 1, which skips injection with "input"
+    init), and it treats sequences independently, so iterations 2 .. T run as one batch of
+    (T-1) n rows: one power iteration for all of them."""
     dtype = next(model.parameters()).dtype
     x0, states = x0.to(dtype), states.to(dtype)
-    rows = [torch.full((x0.shape[0],), math.nan, dtype=torch.float64)]
-    for t in range(1, states.shape[0]):
-        f = iteration_map(model, unit_index, x0, t)
-        gen = torch.Generator().manual_seed(t)
-        sigma = sigma_max(f, states[t - 1], iters=iters, tol=tol, generator=gen)
-        rows.append(sigma.double().cpu())
+    n, T = x0.shape[0], states.shape[0] - 1
+    gen = torch.Generator().manual_seed(0)
+    first = sigma_max(iteration_map(model, unit_index, x0, 1), states[0], iters=iters, tol=tol,
+                      generator=gen)
+    rows = [torch.full((n,), math.nan, dtype=torch.float64), first.double().cpu()]
+    if T >= 2:
+        f = iteration_map(model, unit_index, x0.repeat(T - 1, 1, 1), 2)
+        later = sigma_max(f, states[1:T].flatten(0, 1), iters=iters, tol=tol, generator=gen)
+        rows += list(later.double().cpu().view(T - 1, n))
     return torch.stack(rows)
 
 
