@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
 from blockloop.config import TrainConfig
@@ -971,7 +971,10 @@ def _band(ax, rows: list[dict], key: str, color: str, log: bool) -> None:
     if log and defined.size:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(_SHORT)
-        ax.yaxis.set_minor_formatter(_SHORT)
+        # Minor ticks are labelled only within a decade, where there are no major ones.
+        shown = np.concatenate([v[np.isfinite(v)] for v in (mean, low, high)])
+        narrow = shown.max() < 10 * shown.min()
+        ax.yaxis.set_minor_formatter(_SHORT if narrow else NullFormatter())
 
 
 def _panel_grid(res, panels, path, title: str, lipschitz_line: bool = False) -> None:
@@ -1031,7 +1034,7 @@ def _plot_fates(ax, units) -> None:
     ax.set_yticks(range(len(units)))
     ax.set_yticklabels([_fate_label(u) for u in units], fontsize=8)
     ax.set_xlim(0, 1)
-    ax.invert_yaxis()
+    ax.set_ylim(len(units) - 0.2, -0.8)  # first unit on top; bars half a row high
     ax.set(xlabel="fraction of tokens", title="Trajectory fate after long runs")
     ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
 
