@@ -16,8 +16,18 @@ and test-time loop scaling (`loop_scaling`: validation loss at the counts of
 `blockloop.looping.scaling_loop_counts`, which include the trained count and twice it). Every pass
 runs under the run's own autocast dtype.
 
+Loop dynamics (`dynamics`, from `blockloop.dynamics.loop_dynamics`): per looped unit and
+iteration, means over sequences with 95% bootstrap intervals of the step norm, delta_t, the
+cosine between successive steps, the state norm, logit-lens loss, entropy and KL between
+consecutive iterates (nats), and the Lipschitz constant of the iteration map (power iteration);
+trajectory fates after several times the trained count, and a box-counting dimension. Loop
+against layer (`loop_against_layer`, with `analyze --compare_to=DIR`): linear CKA between each
+iterate and each block output of a plain model on the same tokens. `jacobian_sigma_max(model,
+idx, group=0, iteration=None)` (float32 (B,): the Lipschitz constant per sequence) is
+re-exported from `blockloop.dynamics`.
+
 The metric functions (`linear_cka`, `cka_matrix`, `token_dynamics`, `pca_trajectories`,
-`logit_lens_losses`, `analyze_model`) take tensors and models and return numbers, so other code
+`logit_lens_losses`, `loop_against_layer`, `analyze_model`) take tensors and models and return numbers, so other code
 (the experiment runner) can call them without touching files; `write_report` turns their result
 into `analysis.json`, PNG figures and `analysis.md`; `analyze_checkpoint` and `main` do the whole
 thing for a checkpoint directory.
@@ -61,7 +71,7 @@ from blockloop.dynamics import (
     DEFAULT_LIPSCHITZ_SEQUENCES,
     FATES,
     cka_across,
-    jacobian_sigma_max,
+    jacobian_sigma_max,  # noqa: F401  (re-exported: blockloop.analysis.jacobian_sigma_max)
     loop_dynamics,
 )
 from blockloop.errors import AnalysisError, CheckpointError, ConfigError, run_command
@@ -530,22 +540,12 @@ def _settings(config: GPTConfig, num_loops, exit_threshold, loop_counts) -> tupl
 
 @torch.no_grad()
 def analyze_model(
-    model: GPT,
-    batches,
-    *,
-    num_loops: int | None = None,
-    device="cpu",
-    ctx=None,
-    exit_threshold: float | None = None,
-    thresholds=None,
-    loop_counts=None,
-    cka_tokens: int = DEFAULT_CKA_TOKENS,
-    pca_tokens: int = DEFAULT_PCA_TOKENS,
-    token_labels=None,
-    fate_factor: int = DEFAULT_FATE_FACTOR,
+    model: GPT, batches, *, num_loops: int | None = None, device="cpu", ctx=None,
+    exit_threshold: float | None = None, thresholds=None, loop_counts=None,
+    cka_tokens: int = DEFAULT_CKA_TOKENS, pca_tokens: int = DEFAULT_PCA_TOKENS,
+    token_labels=None, fate_factor: int = DEFAULT_FATE_FACTOR,
     lipschitz_sequences: int = DEFAULT_LIPSCHITZ_SEQUENCES,
-    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS,
-    compare_model: GPT | None = None,
+    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS, compare_model: GPT | None = None,
 ) -> dict:
     """Every metric of this module for `model` on `batches` (a list of (x, y), int64 (B, L),
     y = -1 unscored); JSON-ready, losses in nats per token, NaN (undefined) as None.
@@ -558,18 +558,19 @@ def analyze_model(
     `_default_thresholds`. `loop_counts` (default `looping.scaling_loop_counts` with `num_loops`)
     are the loop-scaling counts. `token_labels(id) -> str` names tokens in the PCA legend.
     `model_loss`, `loop_scaling`, `exit` and `exit_sweep` come from `blockloop.evaluation`.
-    `dynamics` is `dynamics.loop_dynamics` (per unit and iteration, with bootstrap intervals:
-    step statistics, logit lens, Lipschitz constants on `lipschitz_sequences` sequences with at
-    most `lipschitz_iters` power iterations, fates after `fate_factor` x the trained counts);
-    with a plain `compare_model`, `loop_against_layer` is `loop_against_layer(model,
-    compare_model, ...)`. Raises AnalysisError without a trace, without batches, for a count the
-    model cannot run, for a bad dynamics option or an incomparable `compare_model`.
+    `dynamics` is `dynamics.loop_dynamics` with the three dynamics options (see there); with a
+    plain `compare_model`, `loop_against_layer` is `loop_against_layer(model, compare_model)`.
+    Raises AnalysisError without a trace or batches, for a count the model cannot run, a bad
+    dynamics option or an incomparable `compare_model`, before any pass.
     """
     _require_trace(model)
     if not batches:
         raise AnalysisError("no validation batches to analyse")
     cfg = model.config
     T, exit_threshold, counts = _settings(cfg, num_loops, exit_threshold, loop_counts)
+    check_dynamics_options(cfg, fate_factor, lipschitz_sequences, lipschitz_iters)
+    if compare_model is not None:
+        check_comparable(model, compare_model)
     accs = _trace_batches(model, batches, T, device, ctx, cka_tokens, pca_tokens, token_labels)
     plan = model.loop_plan
     units = [_unit_result(blocks, g, acc, T)
@@ -582,21 +583,14 @@ def analyze_model(
         unit["exit_histogram"] = _histogram(its, T)
     sweep = set(_default_thresholds(accs, T) if thresholds is None else thresholds)
     scaling = loop_scaling(model, batches, counts, **ev)
-    extra = {"dynamics": _dynamics(model, batches, num_loops, fate_factor, lipschitz_sequences,
-                                   lipschitz_iters, **ev)}
+    extra = {"dynamics": loop_dynamics(model, batches, num_loops, fate_factor,
+                                       lipschitz_sequences, lipschitz_iters, **ev)}
     if compare_model is not None:
         extra["loop_against_layer"] = loop_against_layer(
             model, compare_model, batches, num_loops=num_loops, cka_tokens=cka_tokens, **ev
         )
     return jsonable({
-        "num_loops": T,
-        "trained_loops": cfg.max_loops,
-        "model_config": cfg.to_dict(),
-        "tied_looping": cfg.tied_looping,
-        "looped_blocks": [model.loop_plan.start, model.loop_plan.stop - 1],
-        "loop_groups": [[g.first, g.last, g.count] for g in model.loop_plan.groups],
-        "batches": len(batches),
-        "tokens_per_batch": list(batches[0][0].shape),
+        **_describe(model, batches, T),
         "model_loss": _model_loss(model, batches, T, scaling, **ev),
         "units": units,
         "exit": {"threshold": exit_threshold, **exit_run.to_dict()},
@@ -606,12 +600,19 @@ def analyze_model(
     })
 
 
-def _dynamics(model: GPT, batches, num_loops, fate_factor, lipschitz_sequences,
-              lipschitz_iters, **ev) -> dict:
-    """`loop_dynamics` with its option errors reported as AnalysisError (one line)."""
-    check_dynamics_options(model.config, fate_factor, lipschitz_sequences, lipschitz_iters)
-    return loop_dynamics(model, batches, num_loops, fate_factor, lipschitz_sequences,
-                         lipschitz_iters, **ev)
+def _describe(model: GPT, batches, T: int) -> dict:
+    """The settings part of an `analyze_model` result."""
+    cfg, plan = model.config, model.loop_plan
+    return {
+        "num_loops": T,
+        "trained_loops": cfg.max_loops,
+        "model_config": cfg.to_dict(),
+        "tied_looping": cfg.tied_looping,
+        "looped_blocks": [plan.start, plan.stop - 1],
+        "loop_groups": [[g.first, g.last, g.count] for g in plan.groups],
+        "batches": len(batches),
+        "tokens_per_batch": list(batches[0][0].shape),
+    }
 
 
 def check_dynamics_options(config, fate_factor, lipschitz_sequences, lipschitz_iters) -> None:

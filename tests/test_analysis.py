@@ -541,7 +541,12 @@ def test_analysis_lipschitz_of_the_half_map_is_one_half():
 
 
 def test_loop_dynamics_means_are_sequence_means_of_the_trace():
-    from blockloop.dynamics import jacobian_sigma_max, loop_dynamics, step_statistics, unit_inputs
+    from blockloop.dynamics import (
+        jacobian_sigma_max,
+        loop_dynamics,
+        step_statistics,
+        unit_inputs,
+    )
     from blockloop.records import jsonable
 
     model = tiny_model(False, 1)
