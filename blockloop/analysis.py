@@ -16,8 +16,18 @@ and test-time loop scaling (`loop_scaling`: validation loss at the counts of
 `blockloop.looping.scaling_loop_counts`, which include the trained count and twice it). Every pass
 runs under the run's own autocast dtype.
 
+Loop dynamics (`dynamics`, from `blockloop.dynamics.loop_dynamics`): per looped unit and
+iteration, means over sequences with 95% bootstrap intervals of the step norm, delta_t, the
+cosine between successive steps, the state norm, logit-lens loss, entropy and KL between
+consecutive iterates (nats), and the Lipschitz constant of the iteration map (power iteration);
+trajectory fates after several times the trained count, and a box-counting dimension. Loop
+against layer (`loop_against_layer`, with `analyze --compare_to=DIR`): linear CKA between each
+iterate and each block output of a plain model on the same tokens. `jacobian_sigma_max(model,
+idx, group=0, iteration=None)` (float32 (B,): the Lipschitz constant per sequence) is
+re-exported from `blockloop.dynamics`.
+
 The metric functions (`linear_cka`, `cka_matrix`, `token_dynamics`, `pca_trajectories`,
-`logit_lens_losses`, `analyze_model`) take tensors and models and return numbers, so other code
+`logit_lens_losses`, `loop_against_layer`, `analyze_model`) take tensors and models and return numbers, so other code
 (the experiment runner) can call them without touching files; `write_report` turns their result
 into `analysis.json`, PNG figures and `analysis.md`; `analyze_checkpoint` and `main` do the whole
 thing for a checkpoint directory.
@@ -50,12 +60,31 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from blockloop.checkpoint import find_run_checkpoint, load_model
 from blockloop.config import TrainConfig
-from blockloop.errors import AnalysisError, ConfigError, run_command
+from blockloop.dynamics import (
+    DEFAULT_FATE_FACTOR,
+    DEFAULT_LIPSCHITZ_ITERS,
+    DEFAULT_LIPSCHITZ_SEQUENCES,
+    FATES,
+    cka_across,
+    jacobian_sigma_max,  # noqa: F401  (re-exported: blockloop.analysis.jacobian_sigma_max)
+    loop_dynamics,
+)
+from blockloop.errors import AnalysisError, CheckpointError, ConfigError, run_command
 from blockloop.evaluation import eval_mode, evaluate, exit_sweep, loop_scaling
-from blockloop.looping import check_num_loops, is_looped, scaling_loop_counts
+from blockloop.looping import (
+    MAX_LOOPS_LIMIT,
+    LoopPlan,
+    check_num_loops,
+    effective_depth,
+    is_looped,
+    scaling_loop_counts,
+    trained_counts,
+)
 from blockloop.model import GPT, GPTConfig
 from blockloop.records import atomic_write_json, finite_or_none, jsonable
 from blockloop.runtime import autocast_context, resolve_device, resolve_dtype
@@ -75,6 +104,9 @@ DEFAULT_CKA_TOKENS = 512
 DEFAULT_PCA_TOKENS = 8
 # Seeds the token subsets (and loop noise, if the model draws it in eval) so reruns agree.
 ANALYSIS_SEED = 0
+# Allowed ranges of the dynamics options (a typo must not start hours of power iteration).
+DYNAMICS_LIMITS = {"fate_factor": (1, 64), "lipschitz_sequences": (1, 4096),
+                   "lipschitz_iters": (1, 1000)}
 
 FIGURES = {
     "dynamics": (
@@ -124,6 +156,41 @@ FIGURES = {
         "Validation loss at a fixed number of iterations, including counts beyond the trained one "
         "(dashed line); a curve that keeps falling or stays flat past the line extrapolates, one "
         "that rises does not.",
+    ),
+    "loop_dynamics": (
+        "loop_dynamics.png",
+        "One row per looped unit, mean over validation sequences per iteration t with a 95% "
+        "bootstrap band: the step norm and the relative change falling towards 0 mean the loop "
+        "settles; the cosine between successive steps near -1 means the state flips back and "
+        "forth (a 2-cycle), near +1 that it keeps drifting one way; a Lipschitz constant below "
+        "the dashed line at 1 means the iteration map contracts around the trajectory (nearby "
+        "states move closer), above 1 that it expands them.",
+    ),
+    "loop_lens": (
+        "loop_lens.png",
+        "The logit lens at each iterate (mean with 95% bootstrap band): loss and entropy of the "
+        "next-token distribution if the loop stopped at t, and the KL divergence between the "
+        "distributions of consecutive iterates (log scale); a KL that falls by orders of "
+        "magnitude means later iterations no longer change the prediction.",
+    ),
+    "loop_fates": (
+        "loop_fates.png",
+        "Left: what each token's trajectory does when the loop runs several times its trained "
+        "count (fixed point, cycle with its period, diverging, or undecided 'wandering'); right: "
+        "box counting on all those iterates projected on their two main principal components, "
+        "whose slope over the stated box sides is the box-counting dimension (about 0 for "
+        "points, 1 for curves, 2 for a filled area).",
+    ),
+}
+# Drawn only when the result has "loop_against_layer" (`analyze --compare_to`).
+COMPARE_FIGURES = {
+    "loop_vs_layer": (
+        "loop_vs_layer.png",
+        "Linear CKA between each loop iterate (rows) and each block output of the plain model "
+        "(columns; 0 = embedding); red squares mark the layer at the iterate's depth in the "
+        "unrolled stack, white dots the best-matching layer: if the bright cells follow the red "
+        "squares the loop imitates depth, if they stay in one column or elsewhere it computes "
+        "something else.",
     ),
 }
 
@@ -473,18 +540,12 @@ def _settings(config: GPTConfig, num_loops, exit_threshold, loop_counts) -> tupl
 
 @torch.no_grad()
 def analyze_model(
-    model: GPT,
-    batches,
-    *,
-    num_loops: int | None = None,
-    device="cpu",
-    ctx=None,
-    exit_threshold: float | None = None,
-    thresholds=None,
-    loop_counts=None,
-    cka_tokens: int = DEFAULT_CKA_TOKENS,
-    pca_tokens: int = DEFAULT_PCA_TOKENS,
-    token_labels=None,
+    model: GPT, batches, *, num_loops: int | None = None, device="cpu", ctx=None,
+    exit_threshold: float | None = None, thresholds=None, loop_counts=None,
+    cka_tokens: int = DEFAULT_CKA_TOKENS, pca_tokens: int = DEFAULT_PCA_TOKENS,
+    token_labels=None, fate_factor: int = DEFAULT_FATE_FACTOR,
+    lipschitz_sequences: int = DEFAULT_LIPSCHITZ_SEQUENCES,
+    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS, compare_model: GPT | None = None,
 ) -> dict:
     """Every metric of this module for `model` on `batches` (a list of (x, y), int64 (B, L),
     y = -1 unscored); JSON-ready, losses in nats per token, NaN (undefined) as None.
@@ -497,13 +558,19 @@ def analyze_model(
     `_default_thresholds`. `loop_counts` (default `looping.scaling_loop_counts` with `num_loops`)
     are the loop-scaling counts. `token_labels(id) -> str` names tokens in the PCA legend.
     `model_loss`, `loop_scaling`, `exit` and `exit_sweep` come from `blockloop.evaluation`.
-    Raises AnalysisError without a trace, without batches or for a count the model cannot run.
+    `dynamics` is `dynamics.loop_dynamics` with the three dynamics options (see there); with a
+    plain `compare_model`, `loop_against_layer` is `loop_against_layer(model, compare_model)`.
+    Raises AnalysisError without a trace or batches, for a count the model cannot run, a bad
+    dynamics option or an incomparable `compare_model`, before any pass.
     """
     _require_trace(model)
     if not batches:
         raise AnalysisError("no validation batches to analyse")
     cfg = model.config
     T, exit_threshold, counts = _settings(cfg, num_loops, exit_threshold, loop_counts)
+    check_dynamics_options(cfg, fate_factor, lipschitz_sequences, lipschitz_iters)
+    if compare_model is not None:
+        check_comparable(model, compare_model)
     accs = _trace_batches(model, batches, T, device, ctx, cka_tokens, pca_tokens, token_labels)
     plan = model.loop_plan
     units = [_unit_result(blocks, g, acc, T)
@@ -516,21 +583,161 @@ def analyze_model(
         unit["exit_histogram"] = _histogram(its, T)
     sweep = set(_default_thresholds(accs, T) if thresholds is None else thresholds)
     scaling = loop_scaling(model, batches, counts, **ev)
+    extra = {"dynamics": loop_dynamics(model, batches, num_loops, fate_factor,
+                                       lipschitz_sequences, lipschitz_iters, **ev)}
+    if compare_model is not None:
+        extra["loop_against_layer"] = loop_against_layer(
+            model, compare_model, batches, num_loops=num_loops, cka_tokens=cka_tokens, **ev
+        )
     return jsonable({
-        "num_loops": T,
-        "trained_loops": cfg.max_loops,
-        "model_config": cfg.to_dict(),
-        "tied_looping": cfg.tied_looping,
-        "looped_blocks": [model.loop_plan.start, model.loop_plan.stop - 1],
-        "loop_groups": [[g.first, g.last, g.count] for g in model.loop_plan.groups],
-        "batches": len(batches),
-        "tokens_per_batch": list(batches[0][0].shape),
+        **_describe(model, batches, T),
         "model_loss": _model_loss(model, batches, T, scaling, **ev),
         "units": units,
         "exit": {"threshold": exit_threshold, **exit_run.to_dict()},
         "exit_sweep": exit_sweep(model, batches, sweep | {exit_threshold}, T, **ev),
         "loop_scaling": scaling,
+        **extra,
     })
+
+
+def _describe(model: GPT, batches, T: int) -> dict:
+    """The settings part of an `analyze_model` result."""
+    cfg, plan = model.config, model.loop_plan
+    return {
+        "num_loops": T,
+        "trained_loops": cfg.max_loops,
+        "model_config": cfg.to_dict(),
+        "tied_looping": cfg.tied_looping,
+        "looped_blocks": [plan.start, plan.stop - 1],
+        "loop_groups": [[g.first, g.last, g.count] for g in plan.groups],
+        "batches": len(batches),
+        "tokens_per_batch": list(batches[0][0].shape),
+    }
+
+
+def check_dynamics_options(config, fate_factor, lipschitz_sequences, lipschitz_iters) -> None:
+    """AnalysisError unless the dynamics options are integers in their ranges
+    (`DYNAMICS_LIMITS`) and fate_factor x the largest trained count is a count models can run."""
+    values = {"fate_factor": fate_factor, "lipschitz_sequences": lipschitz_sequences,
+              "lipschitz_iters": lipschitz_iters}
+    for key, value in values.items():
+        low, high = DYNAMICS_LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise AnalysisError(f"{key}={value!r}: must be an integer in [{low}, {high}]")
+    top = max(trained_counts(config))
+    if fate_factor * top > MAX_LOOPS_LIMIT:
+        raise AnalysisError(
+            f"fate_factor={fate_factor}: {fate_factor} x the trained count {top} exceeds the "
+            f"iteration limit {MAX_LOOPS_LIMIT}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# loop against layer: the iterates of a looped model against a plain model's block outputs
+
+
+def plain_block_outputs(model: GPT, idx) -> torch.Tensor:
+    """The residual streams h_0 .. h_n of a plain model on token ids idx (B, L): h_0 is the
+    embedding drop(wte(idx) + wpe(pos)), h_i the output of block i-1; (n_layer+1, B, L, C)."""
+    pos = torch.arange(idx.shape[1], dtype=torch.long, device=idx.device)
+    x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))
+    outputs = [x]
+    for block in model.transformer.h:
+        x = block(x)
+        outputs.append(x)
+    return torch.stack(outputs)
+
+
+def check_comparable(looped: GPT, plain: GPT, name: str = "the plain run") -> None:
+    """AnalysisError unless `plain` is a plain model that reads the same tokens as `looped`
+    (same vocab_size and block_size), so both can see the same idx."""
+    if plain.looper is not None:
+        raise AnalysisError(f"{name} loops; --compare_to needs a plain run (loop_center_idx=-1)")
+    for key in ("vocab_size", "block_size"):
+        a, b = getattr(looped.config, key), getattr(plain.config, key)
+        if a != b:
+            raise AnalysisError(
+                f"{name} has {key}={b} but the looped model has {key}={a}; both must read the "
+                "same token ids"
+            )
+
+
+def matched_layers(config, num_loops=None) -> list[list[int]]:
+    """Per looped unit, the depth of each iterate s_0 .. s_T in the unrolled stack: the number
+    of blocks applied before it (s_0 of a unit whose first block is b, after earlier units added
+    e extra applications, sits at b + e; each iteration adds len(unit)). A depth-matched plain
+    model's h_d is where iterate t would sit if the loop imitated depth."""
+    plan = LoopPlan.from_config(config)
+    counts, extra, out = plan.counts(num_loops), 0, []
+    for g, unit in plan.unit_list:
+        base, T = unit[0] + extra, counts[g]
+        out.append([base + t * len(unit) for t in range(T + 1)])
+        extra += len(unit) * (T - 1)
+    return out
+
+
+def _best(row: torch.Tensor) -> tuple:
+    """(argmax, max) of a CKA row ignoring NaN; (None, None) if it is all NaN."""
+    finite = torch.nan_to_num(row, nan=-math.inf)
+    if not bool(torch.isfinite(finite).any()):
+        return None, None
+    j = int(finite.argmax())
+    return j, float(row[j])
+
+
+def _layer_unit(cka: torch.Tensor, unit: tuple, matched: list[int]) -> dict:
+    """The per-unit entry of `loop_against_layer` from its (T+1, n+1) CKA matrix."""
+    g, blocks = unit
+    n = cka.shape[1] - 1
+    best = [_best(row) for row in cka]
+    return {
+        "group": g, "blocks": list(blocks), "cka": cka.tolist(),
+        "best_layer": [b for b, _ in best], "best_cka": [v for _, v in best],
+        "matched_layer": [d if d <= n else None for d in matched],
+        "matched_cka": [float(cka[t, d]) if d <= n else None for t, d in enumerate(matched)],
+    }
+
+
+@torch.no_grad()
+def loop_against_layer(
+    looped_model: GPT, plain_model: GPT, batches, device="cpu", *, num_loops=None, ctx=None,
+    cka_tokens: int = DEFAULT_CKA_TOKENS,
+) -> dict:
+    """Linear CKA (Kornblith et al. 2019; `dynamics.cka_across`) between each iterate s_0 .. s_T
+    of every looped unit of `looped_model` and each block output h_0 (embedding) .. h_n of
+    `plain_model`, on the same tokens: both models see the same idx of `batches` ((x, y) int64
+    (B, L)); `cka_tokens` token positions (spread over the batches, seeded) are compared. Eval
+    mode, `num_loops` iterations (None: the trained counts), no automatic exit, autocast `ctx`.
+
+    Returns {"plain_n_layer", "looped_effective_depth", "tokens", "units": [{"group", "blocks",
+    "cka": (T+1, n+1) nested lists in [0, 1] (None where a representation is constant),
+    "best_layer"/"best_cka" per iterate, "matched_layer"/"matched_cka": the layer at the
+    iterate's depth in the unrolled stack (`matched_layers`; None beyond the plain model)}]}. If
+    iterate t lines up with its matched layer the loop imitates depth; if not, it computes
+    something else. Raises AnalysisError if `plain_model` loops or reads other tokens
+    (`check_comparable`), or the looped model has no loop.
+    """
+    check_comparable(looped_model, plain_model)
+    looped = tracing_copy(looped_model)
+    _require_trace(looped)
+    gen = torch.Generator().manual_seed(ANALYSIS_SEED)
+    per_batch = math.ceil(cka_tokens / max(len(batches), 1))
+    iterates, layers = [[] for _ in looped.loop_plan.units], []
+    with eval_mode(looped), eval_mode(plain_model), (nullcontext() if ctx is None else ctx):
+        for x, _ in batches:
+            x = x.to(device)
+            looped(x, num_loops=num_loops, loop_exit=False)
+            rows = _pick_rows(x.numel(), per_batch, gen).to(device)
+            for acc, unit in zip(iterates, looped.last_loop_trace.units):
+                acc.append(unit.states.flatten(1, 2)[:, rows].float().cpu())
+            layers.append(plain_block_outputs(plain_model, x).flatten(1, 2)[:, rows].float().cpu())
+    h = torch.cat(layers, dim=1)
+    matched = matched_layers(looped.config, num_loops)
+    units = [_layer_unit(cka_across(torch.cat(acc, dim=1), h), unit, m)
+             for acc, unit, m in zip(iterates, looped.loop_plan.unit_list, matched)]
+    return {"plain_n_layer": plain_model.config.n_layer,
+            "looped_effective_depth": effective_depth(looped.config, num_loops),
+            "tokens": int(h.shape[1]), "units": units}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,6 +936,175 @@ def _plot_loop_scaling(res, path):
             title="Test-time loop scaling")
 
 
+# ---- loop dynamics figures (result["dynamics"], result["loop_against_layer"])
+
+DYNAMICS_PANELS = (
+    ("step_norm", "step norm ||s_t - s_(t-1)||", True),
+    ("delta", "relative change delta_t", True),
+    ("cos", "cos(step t, step t-1)", False),
+    ("lipschitz", "Lipschitz constant at s_(t-1)", False),
+)
+LENS_PANELS = (
+    ("lens_loss", "logit-lens loss (nats)", False),
+    ("lens_entropy", "logit-lens entropy (nats)", False),
+    ("lens_kl_prev", "KL(p_t || p_(t-1)) (nats)", True),
+)
+
+
+# Tick labels such as 0.25 rather than 2.5 x 10^-1 on log axes spanning less than a decade.
+_SHORT = FuncFormatter(lambda v, _: f"{v:.2g}")
+
+
+def _band(ax, rows: list[dict], key: str, color: str, log: bool) -> None:
+    """Mean of `key` over iterations with its bootstrap interval as a band. Non-finite values
+    (None in the result: undefined or diverged) are not drawn; where a diverged run left gaps
+    after defined values, the panel says so."""
+    t = np.array([r["t"] for r in rows])
+    mean, low, high = (_nan([r[key][part] for r in rows]) for part in ("mean", "low", "high"))
+    if log:  # a log axis cannot show values <= 0
+        mean, low, high = (np.where(v > 0, v, np.nan) for v in (mean, low, high))
+    ax.plot(t, mean, "o-", color=color, ms=3.5)
+    ax.fill_between(t, low, high, color=color, alpha=0.25, lw=0)
+    defined = np.flatnonzero(np.isfinite(mean))
+    if defined.size and not np.isfinite(mean[defined[0]:]).all():
+        ax.text(0.02, 0.02, "non-finite values not drawn", transform=ax.transAxes,
+                color="red", fontsize=8)
+    if log and defined.size:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_SHORT)
+        # Minor ticks are labelled only within a decade, where there are no major ones.
+        shown = np.concatenate([v[np.isfinite(v)] for v in (mean, low, high)])
+        narrow = shown.max() < 10 * shown.min()
+        ax.yaxis.set_minor_formatter(_SHORT if narrow else NullFormatter())
+
+
+def _panel_grid(res, panels, path, title: str, lipschitz_line: bool = False) -> None:
+    """One row per looped unit, one column per panel of (key, label, log y)."""
+    units = res["dynamics"]["units"]
+    fig = _new_figure(3.4 * len(panels), 2.7 * len(units) + 0.5)
+    axes = np.array(fig.subplots(len(units), len(panels), squeeze=False))
+    for i, unit in enumerate(units):
+        for j, (key, label, log) in enumerate(panels):
+            ax = axes[i, j]
+            _band(ax, unit["rows"], key, f"C{i}", log)
+            if lipschitz_line and key == "lipschitz":
+                ax.axhline(1.0, color="gray", ls="--", lw=1, label="1: contraction boundary")
+                ax.legend(fontsize=7, loc="best")
+            ax.set_title(f"{_unit_label(unit)}: {label}" if len(units) > 1 else label, fontsize=9)
+            ax.set_xticks(range(0, unit["num_loops"] + 1, math.ceil((unit["num_loops"] + 1) / 9)))
+            ax.grid(alpha=0.3)
+            if i == len(units) - 1:
+                ax.set_xlabel("iteration t")
+    dyn = res["dynamics"]
+    fig.suptitle(f"{title} (mean over {dyn['sequences']} sequences, band = "
+                 f"{100 * dyn['confidence']:.0f}% bootstrap interval)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_loop_dynamics(res, path):
+    _panel_grid(res, DYNAMICS_PANELS, path, "Loop dynamics", lipschitz_line=True)
+
+
+def _plot_loop_lens(res, path):
+    lens = res["dynamics"]["lens"]
+    _panel_grid(res, LENS_PANELS, path, f"Logit lens ({lens}) per iteration")
+
+
+def _fate_label(unit: dict) -> str:
+    fate = unit["fate"]
+    if "skipped" in fate:
+        return f"{_unit_label(unit)}\n(skipped)"
+    periods = ", ".join(f"{p}: {n}" for p, n in fate["cycle_periods"].items())
+    text = f"{_unit_label(unit)}, T={fate['num_loops']}"
+    return f"{text}\ncycle periods {periods}" if periods else text
+
+
+def _plot_fates(ax, units) -> None:
+    """Stacked horizontal bars: the fraction of tokens per fate, one bar per unit."""
+    colors = {"fixed_point": "C2", "cycle": "C1", "diverging": "C3", "wandering": "C7"}
+    left = np.zeros(len(units))
+    for fate in FATES:
+        widths = np.array([u["fate"].get("fractions", {}).get(fate, 0.0) or 0.0 for u in units])
+        ax.barh(range(len(units)), widths, left=left, color=colors[fate], height=0.5,
+                label=fate.replace("_", " "))
+        for k, (w, l0) in enumerate(zip(widths, left)):
+            if w >= 0.08:
+                ax.text(l0 + w / 2, k, f"{100 * w:.0f}%", ha="center", va="center", fontsize=8)
+        left += widths
+    ax.set_yticks(range(len(units)))
+    ax.set_yticklabels([_fate_label(u) for u in units], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(units) - 0.2, -0.8)  # first unit on top; bars half a row high
+    ax.set(xlabel="fraction of tokens", title="Trajectory fate after long runs")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+
+
+def _plot_box_counting(ax, units) -> None:
+    """log N(eps) against log(1/eps) per unit, with the least-squares line over the fit range."""
+    for k, unit in enumerate(units):
+        box = unit["fate"].get("box_counting") or {}
+        if box.get("dimension") is None:
+            ax.plot([], [], color=f"C{k}",
+                    label=f"{_unit_label(unit)}: n/a ({box.get('reason', 'skipped')})"[:70])
+            continue
+        x, y = -_nan(box["log_eps"]), _nan(box["log_counts"])
+        slope, icept = np.polyfit(x, y, 1)
+        low, high = box["fit_range"]
+        ax.plot(x, y, "o", color=f"C{k}")
+        ax.plot(x, slope * x + icept, "-", color=f"C{k}",
+                label=f"{_unit_label(unit)}: D = {box['dimension']:.2f} "
+                      f"(box side {low:.3g} to {high:.3g})")
+    ax.set(xlabel="log(1 / box side)", ylabel="log(occupied boxes)",
+           title="Box counting on PCA-projected trajectories")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_loop_fates(res, path):
+    units = res["dynamics"]["units"]
+    fig = _new_figure(12, 1.0 * len(units) + 3.2)
+    ax_f, ax_b = fig.subplots(1, 2)
+    _plot_fates(ax_f, units)
+    _plot_box_counting(ax_b, units)
+    fig.suptitle(f"Long runs: {res['dynamics']['fate_factor']} x the trained iteration count",
+                 fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_loop_vs_layer(res, path):
+    cmp_ = res["loop_against_layer"]
+    units = cmp_["units"]
+    fig = _new_figure(4.0 + 0.45 * (cmp_["plain_n_layer"] + 1) * len(units), 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(units)))
+    for ax, unit in zip(axes, units):
+        m = _nan(unit["cka"])
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto")
+        rows, cols = m.shape
+        if rows * cols <= 200:
+            for i in range(rows):
+                for j in range(cols):
+                    ax.text(j, i, "" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center",
+                            va="center", fontsize=7, color="white" if m[i, j] < 0.5 else "black")
+        for t, d in enumerate(unit["matched_layer"]):
+            if d is not None:
+                ax.add_patch(Rectangle((d - 0.5, t - 0.5), 1, 1, fill=False, ec="red", lw=2.2))
+        for t, b in enumerate(unit["best_layer"]):
+            if b is not None:
+                ax.add_patch(Rectangle((b - 0.36, t - 0.36), 0.72, 0.72, fill=False,
+                                       ec="white", lw=1.2, ls="--"))
+        ax.plot([], [], "s", mfc="none", mec="red", mew=2, label="depth-matched layer")
+        ax.plot([], [], "s", mfc="none", mec="gray", ls="none", label="best layer (dashed)")
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(rows))
+        ax.set(xlabel="plain model layer (0 = embedding)", ylabel="loop iterate t",
+               title=f"{_unit_label(unit)}: linear CKA")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.colorbar(im, ax=list(axes), label="linear CKA", shrink=0.9)
+    _save(fig, path)
+
+
 _PLOTTERS = {
     "dynamics": _plot_dynamics,
     "norm": _plot_norm,
@@ -738,6 +1114,10 @@ _PLOTTERS = {
     "pca": _plot_pca,
     "cka": _plot_cka,
     "loop_scaling": _plot_loop_scaling,
+    "loop_dynamics": _plot_loop_dynamics,
+    "loop_lens": _plot_loop_lens,
+    "loop_fates": _plot_loop_fates,
+    "loop_vs_layer": _plot_loop_vs_layer,
 }
 
 
@@ -748,6 +1128,89 @@ def _fmt(v, spec=".4f", missing="n/a") -> str:
 def _loss(v) -> str:
     """A loss for the report; None in the result means it was not finite: the run diverged."""
     return _fmt(v, missing="diverged (non-finite)")
+
+
+def report_figures(result: dict) -> dict:
+    """The figures of a result: FIGURES (the loop-dynamics ones where it has "dynamics") and
+    COMPARE_FIGURES where it has "loop_against_layer"; name -> (file name, how to read it)."""
+    out = {k: v for k, v in FIGURES.items()
+           if not k.startswith("loop_") or k == "loop_scaling" or "dynamics" in result}
+    if "loop_against_layer" in result:
+        out.update(COMPARE_FIGURES)
+    return out
+
+
+def _ci(cell: dict, spec: str = ".3g") -> str:
+    """'mean [low, high]' of a bootstrap cell; n/a where undefined, 'non-finite' where the mean
+    is missing but values were counted (a diverged run)."""
+    if cell["mean"] is None:
+        return "non-finite" if cell.get("n") else "n/a"
+    if cell["low"] is None or cell["high"] is None:
+        return format(cell["mean"], spec)
+    return f"{cell['mean']:{spec}} [{cell['low']:{spec}}, {cell['high']:{spec}}]"
+
+
+DYNAMICS_COLUMNS = (("step_norm", "step norm"), ("delta", "delta_t"), ("cos", "cos of steps"),
+                    ("state_norm", "state norm"), ("lipschitz", "Lipschitz"),
+                    ("lens_loss", "lens loss"), ("lens_entropy", "lens entropy"),
+                    ("lens_kl_prev", "KL to t-1"))
+
+
+def _fate_text(fate: dict) -> str:
+    if "skipped" in fate:
+        return f"- fates at {fate['num_loops']} iterations: skipped ({fate['skipped']})"
+    fractions = ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%"
+                          for k, v in fate["fractions"].items())
+    periods = ", ".join(f"period {p}: {n}" for p, n in fate["cycle_periods"].items()) or "none"
+    box = fate["box_counting"]
+    if box["dimension"] is None:
+        dim = f"n/a ({box.get('reason')})"
+    else:
+        dim = (f"{box['dimension']:.2f}, fit over box sides {box['fit_range'][0]:.3g} to "
+               f"{box['fit_range'][1]:.3g} (PCA units), {box['points']} points")
+    return (f"- fates of {fate['tokens']} tokens at {fate['num_loops']} iterations: {fractions}; "
+            f"cycles: {periods}\n- box-counting dimension of the PCA-projected trajectories: {dim}")
+
+
+def _dynamics_markdown(res: dict) -> list[str]:
+    dyn = res["dynamics"]
+    lip = dyn["lipschitz"]
+    lines = [
+        "## Loop dynamics", "",
+        f"Mean over {dyn['sequences']} validation sequences (each first averaged over its tokens) "
+        f"with a {100 * dyn['confidence']:.0f}% bootstrap interval ({dyn['bootstrap']['method']}, "
+        f"{dyn['bootstrap']['n_resamples']} resamples of the sequences). Norms in the residual "
+        f"stream's units; lens quantities in nats (logit lens: {dyn['lens']}). Lipschitz: "
+        f"largest singular value of the Jacobian of the iteration map at s_(t-1), on "
+        f"{lip['sequences']} sequences, power iteration with at most "
+        f"{lip['max_power_iterations']} rounds (tol {lip['tol']:g}).", "",
+    ]
+    header = "| t | " + " | ".join(name for _, name in DYNAMICS_COLUMNS) + " |"
+    for unit in dyn["units"]:
+        lines += [f"### {_unit_label(unit)}", "", header,
+                  "|---:|" + "---:|" * len(DYNAMICS_COLUMNS)]
+        lines += [f"| {row['t']} | " + " | ".join(_ci(row[k]) for k, _ in DYNAMICS_COLUMNS) + " |"
+                  for row in unit["rows"]]
+        lines += ["", _fate_text(unit["fate"]), ""]
+    return lines
+
+
+def _layer_markdown(res: dict) -> list[str]:
+    cmp_ = res["loop_against_layer"]
+    lines = ["## Loop against layer", "",
+             f"Linear CKA on {cmp_['tokens']} tokens against a plain model with "
+             f"{cmp_['plain_n_layer']} blocks (the looped model's effective depth is "
+             f"{cmp_['looped_effective_depth']}).", ""]
+    for unit in cmp_["units"]:
+        lines += [f"### {_unit_label(unit)}", "",
+                  "| iterate t | depth-matched layer | CKA there | best layer | its CKA |",
+                  "|---:|---:|---:|---:|---:|"]
+        for t, (d, dc, b, bc) in enumerate(zip(unit["matched_layer"], unit["matched_cka"],
+                                               unit["best_layer"], unit["best_cka"])):
+            lines.append(f"| {t} | {_fmt(d, 'd')} | {_fmt(dc, '.3f')} | {_fmt(b, 'd')} | "
+                         f"{_fmt(bc, '.3f')} |")
+        lines.append("")
+    return lines
 
 
 def _markdown(res: dict, header: dict) -> str:
@@ -781,8 +1244,13 @@ def _markdown(res: dict, header: dict) -> str:
         f"| {p['threshold']:g} | {p['mean_iterations']:.2f} | {_loss(p['loss'])} |"
         for p in res["exit_sweep"]
     ]
-    lines += ["", "## Figures", ""]
-    for name, (filename, sentence) in FIGURES.items():
+    lines.append("")
+    if "dynamics" in res:
+        lines += _dynamics_markdown(res)
+    if "loop_against_layer" in res:
+        lines += _layer_markdown(res)
+    lines += ["## Figures", ""]
+    for name, (filename, sentence) in report_figures(res).items():
         lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({filename})", "", sentence, ""]
     return "\n".join(lines)
 
@@ -796,7 +1264,7 @@ def write_report(result: dict, report_dir, header: dict | None = None) -> dict:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
-    for name, (filename, _) in FIGURES.items():
+    for name, (filename, _) in report_figures(result).items():
         _PLOTTERS[name](result, report_dir / filename)
         figures[name] = str(report_dir / filename)
     header = header or {}
@@ -822,6 +1290,25 @@ def _load_looped(path: Path, device: str) -> tuple[GPT, dict]:
             f"analyse"
         )
     return model, payload
+
+
+def _compare_checkpoint(compare_to) -> Path:
+    """The checkpoint file (best.pt, else last.pt) of the plain run `compare_to`; AnalysisError
+    naming --compare_to if it is not a run directory."""
+    if not Path(compare_to).is_dir():
+        raise AnalysisError(f"compare_to {str(compare_to)!r} does not exist or is not a directory")
+    try:
+        return find_run_checkpoint(compare_to, "auto")
+    except CheckpointError as e:
+        raise AnalysisError(f"compare_to: {e}") from None
+
+
+def _load_plain(path: Path, device: str, looped: GPT) -> GPT:
+    """The plain model of checkpoint `path` in eval mode on `device`, checked against `looped`
+    (`check_comparable`). Raises CheckpointError or AnalysisError."""
+    plain, _ = load_model(path, device)
+    check_comparable(looped, plain, name=f"compare_to {path}")
+    return plain
 
 
 def _train_config(payload: dict, batches: int, data_dir: str | None) -> TrainConfig:
@@ -870,28 +1357,39 @@ def analyze_checkpoint(
     checkpoint: str = "auto",
     data_dir: str | None = None,
     thresholds=None,
+    compare_to=None,
+    fate_factor: int = DEFAULT_FATE_FACTOR,
+    lipschitz_sequences: int = DEFAULT_LIPSCHITZ_SEQUENCES,
+    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS,
 ) -> dict:
     """Analyse the checkpoint in `out_dir` (best.pt, else last.pt) on `batches` validation
     batches and write the report to `report_dir` (default `<out_dir>/analysis`).
 
     Every pass runs under the run's own autocast dtype (its train_config `dtype` resolved for
-    `device`). Returns the `analyze_model` result plus the header and the report's file paths
-    (`report`). Raises a BlockloopError (AnalysisError, ConfigError for the device,
-    CheckpointError, DataError) with a one-line reason when it cannot run.
+    `device`). `compare_to`: a plain run's out_dir (its best.pt, else last.pt), compared layer
+    by layer with the loop (`loop_against_layer`); the dynamics options go to `analyze_model`.
+    Returns the `analyze_model` result plus the header and the report's file paths (`report`).
+    Raises a BlockloopError (AnalysisError, ConfigError for the device, CheckpointError,
+    DataError) with a one-line reason when it cannot run, before any analysis.
     """
     if batches < 1:
         raise AnalysisError(f"batches={batches}: must be >= 1")
     device = resolve_device(device)
+    compare_path = None if compare_to is None else _compare_checkpoint(compare_to)
     path = find_run_checkpoint(out_dir, checkpoint)
     model, payload = _load_looped(path, device)
     if num_loops is not None:
         _check_loops(model.config, num_loops)
+    check_dynamics_options(model.config, fate_factor, lipschitz_sequences, lipschitz_iters)
+    plain = None if compare_path is None else _load_plain(compare_path, device, model)
     cfg = _train_config(payload, batches, data_dir)
     dtype = _run_dtype(cfg, device)
     val, namer = _validation_data(cfg, batches, payload.get("meta") or {})
     result = analyze_model(
         model, val, num_loops=num_loops, device=device, ctx=autocast_context(device, dtype),
-        thresholds=thresholds, token_labels=namer,
+        thresholds=thresholds, token_labels=namer, fate_factor=fate_factor,
+        lipschitz_sequences=lipschitz_sequences, lipschitz_iters=lipschitz_iters,
+        compare_model=plain,
     )
     header = {
         "checkpoint": str(path),
@@ -900,6 +1398,8 @@ def analyze_checkpoint(
         "dataset": payload.get("train_config", {}).get("dataset"),
         "dtype": dtype,
     }
+    if compare_path is not None:
+        header["compare_to"] = str(compare_path)
     out_dir = Path(out_dir)
     report = write_report(result, Path(report_dir) if report_dir else out_dir / "analysis", header)
     return {**jsonable(header), **result, "report": report}
@@ -919,6 +1419,22 @@ def _thresholds(text: str) -> list[float]:
     return values
 
 
+def _count(key: str):
+    """An argparse type: an integer within DYNAMICS_LIMITS[key]."""
+    low, high = DYNAMICS_LIMITS[key]
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be in [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `blockloop analyze` argument parser (options, defaults and help)."""
     parser = argparse.ArgumentParser(
@@ -927,8 +1443,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Analyse what a looped model's representation does across loop iterations, on the "
             "fixed validation batches of its training data: relative change, cosines, norms, "
             "logit lens, exit iterations and a threshold sweep, PCA trajectories, CKA between "
-            "iterations, and validation loss at other iteration counts. Writes analysis.json, "
-            "PNG figures and analysis.md."
+            "iterations, and validation loss at other iteration counts; loop dynamics with "
+            "95% bootstrap intervals over sequences (step norm, relative change, angle between "
+            "steps, Lipschitz constant of the iteration map, logit-lens loss, entropy and KL, "
+            "trajectory fates, box-counting dimension); with --compare_to, CKA of each iterate "
+            "against each layer of a plain run. Writes analysis.json, PNG figures and "
+            "analysis.md."
         ),
         epilog="example: blockloop analyze --out_dir=out-shakespeare-char-loop-tied --num_loops=8",
     )
@@ -948,6 +1468,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated exit thresholds for the sweep (default: "
              f"{','.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)} plus quantiles of the observed "
              "relative changes)")
+    add("--compare_to", default=None, metavar="DIR",
+        help="a plain run's out_dir: linear CKA between each loop iterate and each of its block "
+             "outputs (loop against layer)")
+    add("--fate_factor", type=_count("fate_factor"), default=DEFAULT_FATE_FACTOR,
+        help="trajectory fates after this many times the trained count of iterations "
+             f"(default: {DEFAULT_FATE_FACTOR})")
+    add("--lipschitz_sequences", type=_count("lipschitz_sequences"),
+        default=DEFAULT_LIPSCHITZ_SEQUENCES,
+        help="sequences on which the Lipschitz constant is estimated per iteration "
+             f"(default: {DEFAULT_LIPSCHITZ_SEQUENCES})")
+    add("--lipschitz_iters", type=_count("lipschitz_iters"), default=DEFAULT_LIPSCHITZ_ITERS,
+        help=f"power iterations at most per estimate (default: {DEFAULT_LIPSCHITZ_ITERS})")
     return parser
 
 
@@ -966,6 +1498,8 @@ def _analyze_command(args) -> int:
     result = analyze_checkpoint(
         args.out_dir, args.report_dir, args.num_loops, args.batches, args.device,
         checkpoint=args.checkpoint, data_dir=args.data_dir, thresholds=args.thresholds,
+        compare_to=args.compare_to, fate_factor=args.fate_factor,
+        lipschitz_sequences=args.lipschitz_sequences, lipschitz_iters=args.lipschitz_iters,
     )
     print(
         f"analysed {result['checkpoint']} at {result['num_loops']} iterations: model loss "

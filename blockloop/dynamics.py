@@ -13,11 +13,12 @@ independent computations and reused by any caller:
 - `trajectory_fate`: per token, whether a long trajectory converged, cycled or diverged;
 - `project_pca` and `box_counting_dimension`: the fractal dimension of projected trajectories;
 - `cka_across`: linear CKA between two sets of representations of the same tokens;
-- `bootstrap_ci`: percentile bootstrap intervals over sequences.
+- `bootstrap_ci`: bootstrap intervals over sequences (`blockloop.stats.bootstrap_interval`);
+- `loop_dynamics`: all of the above for a model on validation batches, per looped unit.
 
-Only `unit_inputs` and `iteration_map` know the loop runner's API (`model.looper._step`,
-`model.loop_plan.units`, the trace layout); `jacobian_sigma_max` is built from them. When the
-runner changes (loop groups) those two functions are the only ones to adapt. This module must
+Only `unit_inputs`, `iteration_map` and `_traced_units` know the loop runner's API
+(`model.looper._step`, `model.loop_plan.units`, the trace layout); `jacobian_sigma_max` and
+`loop_dynamics` are built from them. When the runner changes those are the functions to adapt. This module must
 not import `blockloop.analysis` (analysis re-exports `jacobian_sigma_max` from here).
 
 Logarithms are natural (losses, entropies and KL divergences are in nats).
@@ -26,14 +27,15 @@ Logarithms are natural (losses, entropies and KL divergences are in nats).
 from __future__ import annotations
 
 import math
-import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from blockloop.stats import bootstrap_interval
 
 FATES = ("fixed_point", "cycle", "diverging", "wandering")
 # Added to norms in denominators, as `blockloop.looping.relative_change` does.
@@ -494,40 +496,295 @@ def cka_across(states_a, states_b) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bootstrap intervals over sequences. A private helper until `blockloop.stats` lands; switch
-# `bootstrap_ci` to it then.
+# Bootstrap intervals over sequences (`blockloop.stats.bootstrap_interval`, column by column).
 
 
-def _bootstrap(values, axis, confidence, n_resamples, seed):
-    x = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0)
-    n = x.shape[0]
-    if n < 1:
-        raise ValueError("no values to bootstrap")
-    rng = np.random.default_rng(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN, on purpose
-        mean = np.nanmean(x, axis=0)
-        means = np.stack([np.nanmean(x[rng.integers(0, n, n)], axis=0) for _ in range(n_resamples)])
-        alpha = (1 - confidence) / 2
-        low, high = np.nanquantile(means, [alpha, 1 - alpha], axis=0)
-    return mean, low, high
+def _interval_of(column: np.ndarray, confidence, n_resamples, seed, method) -> tuple:
+    """(mean, low, high, n) of one column of per-sequence values; NaN entries are left out.
+    An infinite value (a diverged sequence) makes the mean infinite and the interval NaN."""
+    x = column[~np.isnan(column)]
+    if x.size == 0:
+        return math.nan, math.nan, math.nan, 0
+    if not np.isfinite(x).all():
+        return float(np.mean(x)), math.nan, math.nan, int(x.size)
+    r = bootstrap_interval(x, confidence=confidence, n_resamples=n_resamples, seed=seed,
+                           method=method)
+    low = math.nan if r["low"] is None else r["low"]
+    high = math.nan if r["high"] is None else r["high"]
+    return r["estimate"], low, high, int(x.size)
 
 
 def bootstrap_ci(
-    values, axis: int = 0, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0
+    values, axis: int = 0, confidence: float = 0.95, n_resamples: int = 1000, seed: int = 0,
+    method: str = "BCa",
 ) -> dict:
-    """Mean over `axis` (the sequences) with a percentile bootstrap interval (Efron &
-    Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13): `n_resamples` resamples of
-    the sequences with replacement, drawn by numpy's default generator seeded `seed`
-    (deterministic). NaNs are left out of each mean (np.nanmean), so a sequence that lacks a
-    value (e.g. t = 0 of a step statistic) does not poison the rest; all-NaN gives NaN.
-    Returns {"mean", "low", "high"}: float64 ndarrays of `values`' shape without `axis`.
-    Raises ValueError for confidence outside (0, 1), n_resamples < 1 or no values.
+    """Mean over `axis` (the sequences) with a bootstrap confidence interval, computed for each
+    entry of the other axes by `blockloop.stats.bootstrap_interval` (scipy.stats.bootstrap:
+    `n_resamples` resamples of the sequences with replacement from numpy's default_rng(`seed`),
+    deterministic; `method` "BCa" (Efron 1987; percentile where BCa is undefined, e.g. a
+    constant column) or "percentile" (Efron & Tibshirani, "An Introduction to the Bootstrap",
+    1993, ch. 13)). NaNs are left out (a sequence that lacks a value, e.g. t = 0 of a step
+    statistic, does not poison the rest); an all-NaN entry gives NaN, one value gives NaN bounds,
+    and an infinite value (a diverged sequence) gives an infinite mean with NaN bounds.
+    Returns {"mean", "low", "high"}: float64 ndarrays of `values`' shape without `axis`, and "n"
+    (int64, the values counted per entry). Raises ValueError for confidence outside (0, 1),
+    n_resamples < 1 or no values.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: must be in (0, 1)")
     if n_resamples < 1:
         raise ValueError(f"n_resamples={n_resamples}: must be at least 1")
     values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
-    mean, low, high = _bootstrap(values, axis, confidence, n_resamples, seed)
-    return {"mean": mean, "low": low, "high": high}
+    x = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0)
+    if x.shape[0] < 1:
+        raise ValueError("no values to bootstrap")
+    flat = x.reshape(x.shape[0], -1)
+    out = np.array([_interval_of(col, confidence, n_resamples, seed, method) for col in flat.T])
+    out = out.reshape(-1, 4)
+    shape = x.shape[1:]
+    return {
+        "mean": out[:, 0].reshape(shape), "low": out[:, 1].reshape(shape),
+        "high": out[:, 2].reshape(shape), "n": out[:, 3].astype(np.int64).reshape(shape),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything above for a model on validation batches, per looped unit and iteration.
+
+LENS_VARIANTS = ("continue", "direct")
+STEP_KEYS = ("step_norm", "delta", "cos", "state_norm")
+LENS_KEYS = ("lens_loss", "lens_entropy", "lens_kl_prev")
+DEFAULT_LIPSCHITZ_SEQUENCES = 8
+DEFAULT_LIPSCHITZ_ITERS = 20
+DEFAULT_FATE_FACTOR = 4
+DEFAULT_FATE_TOKENS = 1024
+DEFAULT_RESAMPLES = 2000
+# Power iteration stops early once every sequence's estimate moved by at most this (relative).
+LIPSCHITZ_TOL = 1e-4
+# Lens logits are computed for this many (iteration, sequence, position, vocabulary) entries
+# at a time, so a large vocabulary does not hold (T+1) x B x L x V floats at once.
+LENS_CHUNK_ELEMENTS = 2**24
+
+
+def _traced_units(model, x: torch.Tensor, num_loops):
+    """The loop trace's units after one forward pass of token ids x (B, L), no automatic exit.
+    The model must trace (`_tracing_twin`) and be in the mode the caller wants."""
+    model(x, num_loops=num_loops, loop_exit=False)
+    return model.last_loop_trace.units
+
+
+def _lens_logits(model, unit_index: int, s: torch.Tensor, num_loops, lens: str):
+    """Logits (B, L, V) of state s of looped unit `unit_index` through the logit lens: "direct"
+    is ln_f + lm_head on s; "continue" runs the rest of the stack first (later units at
+    `num_loops`, the blocks after them), so the last unit's last iterate gives the model's own
+    logits whatever follows the loop."""
+    if lens == "continue":
+        s = model.continue_after_unit(s, unit_index, num_loops)
+    return model.logit_lens(s)
+
+
+def _sequence_lens(model, unit_index: int, states, targets, num_loops, lens: str) -> dict:
+    """`lens_statistics` of every iterate states (T+1, B, L, C), chunked over sequences:
+    {"lens_loss", "lens_entropy", "lens_kl_prev"} float64 (T+1, B)."""
+    T1, B, L, _ = states.shape
+    chunk = max(1, LENS_CHUNK_ELEMENTS // (T1 * L * model.config.vocab_size))
+    parts = []
+    for b in range(0, B, chunk):
+        rows = slice(b, b + chunk)
+        logits = torch.stack(
+            [_lens_logits(model, unit_index, s[rows], num_loops, lens).float() for s in states]
+        )
+        parts.append(lens_statistics(logits, targets[rows]))
+    return {f"lens_{k}": torch.cat([p[k] for p in parts], dim=1).cpu() for k in parts[0]}
+
+
+def _per_sequence(model, x, y, num_loops, lens: str) -> tuple[list, list[dict]]:
+    """One traced pass on batch (x, y): per looped unit, (x0, states) and the per-sequence
+    means over tokens of the step statistics and lens statistics, float64 (T+1, B) each."""
+    units = _traced_units(model, x, num_loops)
+    rows = []
+    for k, unit in enumerate(units):
+        steps = step_statistics(unit.states)
+        row = {key: torch.nanmean(v, dim=-1).cpu() for key, v in steps.items()}
+        row.update(_sequence_lens(model, k, unit.states, y, num_loops, lens))
+        rows.append(row)
+    return [(u.x0, u.states) for u in units], rows
+
+
+def _collect(model, batches, num_loops, lens, keep: int, device, ctx) -> tuple[list, list]:
+    """Per looped unit: the statistics of every sequence of `batches` (key -> (T+1, N)) and the
+    (x0, states) of the first `keep` sequences, for the Lipschitz estimate."""
+    stats, kept = None, None
+    with ctx, torch.no_grad():
+        for x, y in batches:
+            traced, rows = _per_sequence(model, x.to(device), y.to(device), num_loops, lens)
+            if stats is None:
+                stats = [{k: [] for k in row} for row in rows]
+                kept = [([], []) for _ in traced]
+            for acc, row in zip(stats, rows):
+                for key, value in row.items():
+                    acc[key].append(value)
+            for (xs, ss), (x0, states) in zip(kept, traced):
+                if sum(len(a) for a in xs) < keep:
+                    xs.append(x0)
+                    ss.append(states)
+    stats = [{k: torch.cat(v, dim=1) for k, v in acc.items()} for acc in stats]
+    kept = [(torch.cat(xs)[:keep], torch.cat(ss, dim=1)[:, :keep]) for xs, ss in kept]
+    return stats, kept
+
+
+def _lipschitz(model, unit_index: int, x0, states, iters: int, tol: float) -> torch.Tensor:
+    """sigma_max of the iteration map of unit `unit_index` at s_(t-1), t = 1 .. T, for each
+    kept sequence: float64 (T+1, n), NaN at t = 0. In the model's dtype, without autocast.
+
+    The map s_(t-1) -> s_t is one function of s for every t >= 2 (the loop's definition:
+    u_t = inject(s_(t-1), x0); t only matters at t = 1, which skips injection with "input"
+    init), and it treats sequences independently, so iterations 2 .. T run as one batch of
+    (T-1) n rows: one power iteration for all of them."""
+    dtype = next(model.parameters()).dtype
+    x0, states = x0.to(dtype), states.to(dtype)
+    n, T = x0.shape[0], states.shape[0] - 1
+    gen = torch.Generator().manual_seed(0)
+    first = sigma_max(iteration_map(model, unit_index, x0, 1), states[0], iters=iters, tol=tol,
+                      generator=gen)
+    rows = [torch.full((n,), math.nan, dtype=torch.float64), first.double().cpu()]
+    if T >= 2:
+        f = iteration_map(model, unit_index, x0.repeat(T - 1, 1, 1), 2)
+        later = sigma_max(f, states[1:T].flatten(0, 1), iters=iters, tol=tol, generator=gen)
+        rows += list(later.double().cpu().view(T - 1, n))
+    return torch.stack(rows)
+
+
+def _trajectory_dimension(states: torch.Tensor) -> dict:
+    """Box-counting dimension of trajectories (T+1, N, C) projected on their first two principal
+    components (all iterates of all tokens share one projection; non-finite states left out).
+    {"dimension", "fit_range", "log_eps", "log_counts", "explained_variance", "points"}, with
+    dimension None and a "reason" where it cannot be estimated (too few points or scales)."""
+    points = states.reshape(-1, states.shape[-1]).to(torch.float64)
+    points = points[torch.isfinite(points).all(dim=1)]
+    base = {"dimension": None, "fit_range": None, "points": int(points.shape[0])}
+    if points.shape[0] < 2 or points.shape[1] < 2:
+        return {**base, "reason": "fewer than 2 finite states"}
+    coords, ratio = project_pca(points, 2)
+    try:
+        box = box_counting_dimension(coords)
+    except ValueError as e:
+        return {**base, "reason": str(e)}
+    return {**base, **box, "explained_variance": ratio.tolist(),
+            "log_eps": box["log_eps"].tolist(), "log_counts": box["log_counts"].tolist()}
+
+
+def _fate_summary(states: torch.Tensor, count: int) -> dict:
+    """Fates (`trajectory_fate`) and box-counting dimension of one unit's long trajectories
+    (T+1, B, L, C) run for `count` iterations."""
+    flat = states.reshape(states.shape[0], -1, states.shape[-1])
+    if count < 2:
+        return {"num_loops": count, "skipped": "fates need at least 2 iterations"}
+    fate = trajectory_fate(flat)
+    periods = fate["periods"][fate["periods"] > 0]
+    hist = {str(int(p)): int((periods == p).sum()) for p in np.unique(periods)}
+    return {"num_loops": count, "tokens": int(flat.shape[1]), "fractions": fate["fractions"],
+            "cycle_periods": hist, "settings": fate["settings"],
+            "box_counting": _trajectory_dimension(flat)}
+
+
+def _fates(model, batches, factor: int, tokens: int, device, ctx) -> list[dict]:
+    """Per looped unit, the fates of up to `tokens` tokens (whole sequences from the first
+    batches) after `factor` x each group's trained count of iterations."""
+    counts = [g.count * factor for g in model.loop_plan.groups]
+    length = batches[0][0].shape[1]
+    x = torch.cat([b[0] for b in batches])[: max(1, math.ceil(tokens / length))].to(device)
+    groups = model.loop_plan.unit_groups
+    try:
+        with ctx, torch.no_grad():
+            units = _traced_units(model, x, counts if len(counts) > 1 else counts[0])
+    except ValueError as e:  # a count the model cannot run (concat built for one iteration)
+        return [{"num_loops": counts[g], "skipped": str(e)} for g in groups]
+    return [_fate_summary(u.states, counts[g]) for u, g in zip(units, groups)]
+
+
+def _rows(values: dict, confidence: float, n_resamples: int, seed: int) -> list[dict]:
+    """Per-iteration rows {"t", key: {"mean", "low", "high", "n"}} from per-sequence values
+    key -> (T+1, N); NaN where undefined (e.g. t = 0 of a step statistic)."""
+    cis = {k: bootstrap_ci(v, axis=1, confidence=confidence, n_resamples=n_resamples, seed=seed)
+           for k, v in values.items()}
+    length = next(iter(values.values())).shape[0]
+    return [
+        {"t": t, **{k: {"mean": float(ci["mean"][t]), "low": float(ci["low"][t]),
+                        "high": float(ci["high"][t]), "n": int(ci["n"][t])}
+                    for k, ci in cis.items()}}
+        for t in range(length)
+    ]
+
+
+def _check_dynamics_args(model, batches, fate_factor, lipschitz_sequences, lipschitz_iters,
+                         lens) -> None:
+    if model.looper is None:
+        raise ValueError("the model has no looped blocks (loop_center_idx < 0)")
+    if not batches:
+        raise ValueError("no batches to analyse")
+    for name, value in (("fate_factor", fate_factor), ("lipschitz_sequences", lipschitz_sequences),
+                        ("lipschitz_iters", lipschitz_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+    if lens not in LENS_VARIANTS:
+        raise ValueError(f"lens={lens!r}: must be one of {', '.join(LENS_VARIANTS)}")
+
+
+def loop_dynamics(
+    model, batches, num_loops=None, fate_factor: int = DEFAULT_FATE_FACTOR,
+    lipschitz_sequences: int = DEFAULT_LIPSCHITZ_SEQUENCES,
+    lipschitz_iters: int = DEFAULT_LIPSCHITZ_ITERS, device="cpu", ctx=None, *,
+    lens: str = "continue", fate_tokens: int = DEFAULT_FATE_TOKENS, confidence: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+) -> dict:
+    """The loop's dynamics per looped unit and iteration, over the sequences of `batches`.
+
+    batches: list of (x, y), int64 (B, L), y = -1 unscored. One traced pass per batch (eval
+    mode, `num_loops` iterations: None = the trained counts, an int for every group or a list
+    per group; no automatic exit, no loop noise; under autocast `ctx`, None = float32). For
+    every unit, per iteration t = 0 .. T, the mean over sequences (each sequence first averaged
+    over its tokens) with a `confidence` bootstrap interval over sequences (`bootstrap_ci`,
+    BCa, `n_resamples` resamples, seeded `seed`) of:
+    - "step_norm" ||s_t - s_(t-1)||, "state_norm" ||s_t|| (L2 over channels, the residual
+      stream's units), "delta" the relative change, "cos" the cosine between successive steps
+      (`step_statistics`; dimensionless);
+    - "lens_loss", "lens_entropy", "lens_kl_prev" KL(p_t || p_(t-1)) (nats; `lens_statistics`)
+      through the logit lens `lens`: "continue" (the rest of the stack, then ln_f + lm_head) or
+      "direct" (ln_f + lm_head on s_t);
+    - "lipschitz": sigma_max of the Jacobian of s -> R(inject(s, x0)) at s_(t-1) (t >= 1), on
+      the first `lipschitz_sequences` sequences, by `sigma_max` (power iteration, at most
+      `lipschitz_iters` rounds, float32, no autocast); > 1 expands, < 1 contracts locally.
+    and the fates (`trajectory_fate`) of up to `fate_tokens` tokens after `fate_factor` x each
+    group's trained count, with the box-counting dimension of those trajectories in their 2-D
+    PCA projection (`box_counting_dimension`, fit range in the projection's units).
+    Returns {"units": [{"unit", "group", "blocks", "num_loops", "rows": [{"t", key: {"mean",
+    "low", "high", "n"}}], "fate": {...}}], "sequences", "confidence", "bootstrap", "lens",
+    "lipschitz": the estimator's settings, "fate_factor"}; NaN where undefined. Raises ValueError
+    for a plain model, no batches, a bad option or a count the model cannot run.
+    """
+    _check_dynamics_args(model, batches, fate_factor, lipschitz_sequences, lipschitz_iters, lens)
+    twin = _tracing_twin(model)
+    ctx = nullcontext() if ctx is None else ctx
+    with _eval_mode(twin):
+        stats, kept = _collect(twin, batches, num_loops, lens, lipschitz_sequences, device, ctx)
+        for k, (values, (x0, states)) in enumerate(zip(stats, kept)):
+            values["lipschitz"] = _lipschitz(twin, k, x0, states, lipschitz_iters, LIPSCHITZ_TOL)
+        fates = _fates(twin, batches, fate_factor, fate_tokens, device, ctx)
+    units = [
+        {"unit": k, "group": g, "blocks": list(blocks), "num_loops": values["delta"].shape[0] - 1,
+         "rows": _rows(values, confidence, n_resamples, seed), "fate": fate}
+        for k, ((g, blocks), values, fate) in enumerate(zip(twin.loop_plan.unit_list, stats, fates))
+    ]
+    return {
+        "units": units,
+        "sequences": int(stats[0]["delta"].shape[1]),
+        "confidence": confidence,
+        "bootstrap": {"method": "BCa (blockloop.stats.bootstrap_interval)",
+                      "n_resamples": n_resamples, "seed": seed, "over": "sequences"},
+        "lens": lens,
+        "lipschitz": {"estimator": "power iteration on J^T J (jvp + vjp), matrix-free",
+                      "sequences": int(kept[0][0].shape[0]), "max_power_iterations": lipschitz_iters,
+                      "tol": LIPSCHITZ_TOL, "at": "s_(t-1), the state entering iteration t"},
+        "fate_factor": fate_factor,
+    }

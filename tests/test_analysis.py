@@ -8,6 +8,7 @@ here, down to the PNG bytes.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -485,3 +486,209 @@ def test_main_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert analysis.main([f"--out_dir={concat_dir}", "--num_loops=2"]) == 2
     assert "num_loops=2" in error_line(capsys)
     assert not (concat_dir / "analysis").exists()
+
+
+# ---- loop dynamics and loop against layer -------------------------------------------------------
+
+def half_map_model():
+    """Identity looped block (both residual branches zero) with a concat adapter W = [-0.5 I | 0]:
+    u_t = s + W [s ; x0] = 0.5 s, so s_t = 0.5 s_(t-1) for t >= 2 and the map's Jacobian is
+    0.5 I there (the identity at t = 1, which has no injection)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(loop_input_injection="concat", bias=False)).eval()
+    looped = model.transformer.h[1]
+    with torch.no_grad():
+        looped.attn.c_proj.weight.zero_()
+        looped.mlp.c_proj.weight.zero_()
+        eye = torch.eye(32)
+        model.looper.adapters[0].proj.weight.copy_(torch.cat([-0.5 * eye, 0 * eye], dim=1))
+    return model
+
+
+def assert_intervals_contain_the_mean(dyn):
+    checked = 0
+    for unit in dyn["units"]:
+        for row in unit["rows"]:
+            for key, cell in row.items():
+                if key == "t" or cell["mean"] is None or cell["low"] is None:
+                    continue
+                slack = 1e-9 * max(1.0, abs(cell["mean"]))
+                assert cell["low"] - slack <= cell["mean"] <= cell["high"] + slack, (key, row)
+                checked += 1
+    assert checked > 0
+
+
+def test_analysis_lipschitz_of_the_half_map_is_one_half():
+    model = half_map_model()
+    res = analyze_model(model, [batch(3, 16, seed=1), batch(3, 16, seed=2)], num_loops=5,
+                        thresholds=(0.01,), cka_tokens=32, fate_factor=8)
+    dyn = res["dynamics"]
+    rows = dyn["units"][0]["rows"]
+    assert [r["t"] for r in rows] == list(range(6))
+    assert rows[0]["lipschitz"]["mean"] is None  # no map enters s_0
+    assert rows[1]["lipschitz"]["mean"] == pytest.approx(1.0, abs=1e-4)  # identity block
+    for row in rows[2:]:
+        assert row["lipschitz"]["mean"] == pytest.approx(0.5, abs=1e-4)
+        assert row["lipschitz"]["n"] == min(6, dyn["lipschitz"]["sequences"])
+        assert row["delta"]["mean"] == pytest.approx(0.5, abs=1e-4)  # ||0.5 s - s|| / ||s||
+    for row in rows[3:]:
+        assert row["cos"]["mean"] == pytest.approx(1.0, abs=1e-6)  # shrinking straight in
+    fate = dyn["units"][0]["fate"]
+    # 8 x 3 halvings: every token has converged (to 0) within trajectory_fate's tolerance.
+    assert fate["num_loops"] == 8 * 3 and fate["fractions"]["fixed_point"] == 1.0
+    assert_intervals_contain_the_mean(dyn)
+    json.dumps(res, allow_nan=False)
+
+
+def test_loop_dynamics_means_are_sequence_means_of_the_trace():
+    from blockloop.dynamics import (
+        jacobian_sigma_max,
+        loop_dynamics,
+        step_statistics,
+        unit_inputs,
+    )
+    from blockloop.records import jsonable
+
+    model = tiny_model(False, 1)
+    x, y = batch(4, 16, seed=3)
+    dyn = loop_dynamics(model, [(x[:2], y[:2]), (x[2:], y[2:])], lipschitz_sequences=2,
+                        lipschitz_iters=100, lens="direct")
+    assert len(dyn["units"]) == 3 and dyn["sequences"] == 4 and dyn["lipschitz"]["sequences"] == 2
+    for k, unit in enumerate(dyn["units"]):
+        _, states = unit_inputs(model, x, k, 3)
+        per_seq = {key: v.mean(dim=-1) for key, v in step_statistics(states).items()}
+        logits = torch.stack([model.logit_lens(s) for s in states]).double()
+        loss = [F.cross_entropy(lg.transpose(1, 2), y, reduction="none").mean(-1) for lg in logits]
+        for row in unit["rows"]:
+            t = row["t"]
+            for key in ("step_norm", "delta", "cos", "state_norm"):
+                want = per_seq[key][t].mean().item()
+                got = row[key]["mean"]
+                assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want), key
+            assert row["lens_loss"]["mean"] == pytest.approx(loss[t].mean().item(), rel=1e-5)
+        # Lipschitz on the first 2 sequences, as jacobian_sigma_max gives it iteration by iteration.
+        for t in range(1, 4):
+            want = jacobian_sigma_max(model, x[:2], group=k, iteration=t, num_loops=3).mean()
+            assert unit["rows"][t]["lipschitz"]["mean"] == pytest.approx(want.item(), rel=1e-2)
+    dyn = jsonable(dyn)
+    assert dyn["units"][0]["rows"][0]["step_norm"]["mean"] is None
+    assert_intervals_contain_the_mean(dyn)
+
+
+def same_weights_plain(looped):
+    cfg = looped.config
+    plain = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                          dropout=0.0)).eval()
+    plain.load_state_dict(looped.state_dict())
+    return plain
+
+
+def test_loop_against_layer_of_a_single_pass_loop_is_its_own_plain_model():
+    looped = tiny_model(True, 0, max_loops=1)  # s_0 = h_1, s_1 = h_2
+    plain = same_weights_plain(looped)
+    res = analysis.loop_against_layer(looped, plain, [batch(3, 16, seed=1), batch(3, 16, seed=2)],
+                                      cka_tokens=64)
+    unit = res["units"][0]
+    cka = np.array(unit["cka"])
+    assert cka.shape == (2, 4) and res["tokens"] == 64
+    assert unit["matched_layer"] == [1, 2] and unit["best_layer"] == [1, 2]
+    np.testing.assert_allclose([cka[0, 1], cka[1, 2]], 1.0, atol=1e-9)
+    assert cka[0, 2] < 0.999 and cka[1, 1] < 0.999  # the weights differ enough to tell apart
+
+
+def test_loop_against_layer_of_an_unrolled_loop_lines_up_with_depth():
+    # One block looped 3 times without injection = a plain 3-block model with copies of it.
+    looped = tiny_model(True, 0, n_layer=1, loop_center_idx=0, max_loops=3)
+    torch.manual_seed(5)
+    plain = GPT(GPTConfig(block_size=16, vocab_size=VOCAB, n_layer=3, n_head=2, n_embd=32,
+                          dropout=0.0)).eval()
+    state = {k: v for k, v in looped.state_dict().items() if not k.startswith("transformer.h.")}
+    for i in range(3):
+        state.update({k.replace("transformer.h.0.", f"transformer.h.{i}."): v
+                      for k, v in looped.state_dict().items() if k.startswith("transformer.h.0.")})
+    plain.load_state_dict(state)
+    res = analysis.loop_against_layer(looped, plain, [batch(4, 16)])
+    unit = res["units"][0]
+    assert unit["matched_layer"] == [0, 1, 2, 3] and unit["best_layer"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(np.diagonal(np.array(unit["cka"])), 1.0, atol=1e-9)
+    assert res["looped_effective_depth"] == res["plain_n_layer"] == 3
+    # Untied groups count each block's extra iterations: block 1 x3, then block 2 at depth 4.
+    assert analysis.matched_layers(tiny_config(False, 1, max_loops=3)) == [
+        [0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+
+
+def test_loop_against_layer_refuses_other_tokens_and_looped_references():
+    looped = tiny_model()
+    with pytest.raises(analysis.AnalysisError, match="vocab_size"):
+        analysis.loop_against_layer(looped, GPT(GPTConfig(block_size=16, vocab_size=VOCAB + 1,
+                                                            n_layer=2, n_head=2, n_embd=32)),
+                                    [batch()])
+    with pytest.raises(analysis.AnalysisError, match="block_size"):
+        analysis.check_comparable(looped, GPT(GPTConfig(block_size=8, vocab_size=VOCAB,
+                                                         n_layer=2, n_head=2, n_embd=32)))
+    with pytest.raises(analysis.AnalysisError, match="loops"):
+        analysis.check_comparable(looped, tiny_model())
+
+
+def test_jacobian_sigma_max_is_exported_by_analysis():
+    from blockloop import dynamics
+
+    assert analysis.jacobian_sigma_max is dynamics.jacobian_sigma_max
+    got = analysis.jacobian_sigma_max(half_map_model(), batch(2)[0], group=0, iteration=2)
+    assert got.shape == (2,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.full((2,), 0.5))
+
+
+def test_report_survives_non_finite_dynamics(tmp_path):
+    import matplotlib.image
+
+    res = analyze_model(tiny_model(), [batch()], thresholds=(0.01,), cka_tokens=16)
+    for row in res["dynamics"]["units"][0]["rows"][2:]:  # a run that diverged at t = 2
+        for key, cell in row.items():
+            if key != "t":
+                cell.update(mean=None, low=None, high=None)
+    res["dynamics"]["units"][0]["fate"] = {"num_loops": 12, "skipped": "diverged"}
+    report = analysis.write_report(res, tmp_path)
+    for name in ("loop_dynamics", "loop_lens", "loop_fates"):
+        image = matplotlib.image.imread(report["figures"][name])
+        assert image[..., :3].std() > 0.05, name
+    md = (tmp_path / "analysis.md").read_text()
+    assert "| 2 | non-finite |" in md and "skipped (diverged)" in md
+
+
+def test_analyze_compare_to_end_to_end(tmp_path, capsys):
+    import matplotlib.image
+
+    from tests.conftest import run, tiny_args, write_token_dataset
+
+    data = write_token_dataset(tmp_path / "data", vocab=11)
+    looped, plain = tmp_path / "looped", tmp_path / "plain"
+    run(tiny_args(data, looped, "--max_iters=4", "--loop_center_idx=1", "--max_loops=2"))
+    run(tiny_args(data, plain, "--max_iters=4", "--n_layer=3"))
+    report = tmp_path / "report"
+    args = [f"--out_dir={looped}", "--batches=1", f"--report_dir={report}",
+            "--lipschitz_sequences=2", "--lipschitz_iters=5", "--fate_factor=3"]
+    assert analysis.main(args + [f"--compare_to={plain}"]) == 0, capsys.readouterr().err
+    res = json.loads((report / "analysis.json").read_text())
+    assert res["compare_to"].endswith("best.pt") or res["compare_to"].endswith("last.pt")
+    dyn, lvl = res["dynamics"], res["loop_against_layer"]
+    assert dyn["lipschitz"]["max_power_iterations"] == 5 and dyn["lipschitz"]["sequences"] == 2
+    assert dyn["units"][0]["fate"]["num_loops"] == 6 and dyn["fate_factor"] == 3
+    assert lvl["plain_n_layer"] == 3 and len(lvl["units"][0]["cka"]) == 3  # s_0 .. s_2
+    assert len(lvl["units"][0]["cka"][0]) == 4  # h_0 .. h_3
+    assert_intervals_contain_the_mean(dyn)
+    md = (report / "analysis.md").read_text()
+    assert "## Loop dynamics" in md and "## Loop against layer" in md
+    for name, (filename, sentence) in analysis.COMPARE_FIGURES.items():
+        assert (report / filename).read_bytes()[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(report / filename)[..., :3].std() > 0.05
+        assert f"]({filename})" in md and sentence in md and res["figures"][name] == filename
+    # Refusals: one line, exit 2, before any report is written.
+    other = tmp_path / "other"
+    run(tiny_args(data, other, "--max_iters=2", "--block_size=8"))
+    for bad, why in ((tmp_path / "missing", "does not exist"), (data, "no best.pt"),
+                     (looped, "loops"), (other, "block_size=8")):
+        fresh = tmp_path / f"r-{bad.name}"
+        assert analysis.main(args[:2] + [f"--report_dir={fresh}", f"--compare_to={bad}"]) == 2
+        assert why in error_line(capsys) and not fresh.exists()

@@ -48,6 +48,11 @@ HOSTILE = {
         "--checkpoint": ["newest", ""],
         "--data_dir": ["{missing}", "{file}"],
         "--thresholds": NUMBER_JUNK + ["nan", "-1", ",", "1,,x"],
+        # {dir}: no checkpoint in it; {out}: a looped run, not a plain one.
+        "--compare_to": ["{missing}", "{file}", "{dir}", "{out}"],
+        "--fate_factor": INT_JUNK + ["0", "-1", "65"],
+        "--lipschitz_sequences": INT_JUNK + ["0", "-1", "4097"],
+        "--lipschitz_iters": INT_JUNK + ["0", "-1", "1001"],
     },
     "prepare": {
         "--data_dir": ["{file}", "{file}/below"],
