@@ -1311,6 +1311,17 @@ def _load_plain(path: Path, device: str, looped: GPT) -> GPT:
     return plain
 
 
+def compare_runs(looped_dir, plain_dir, batches: int = 2, device: str = "cpu") -> dict:
+    """`loop_against_layer` between the checkpoints (last.pt) of a looped run and a plain run,
+    on the first `batches` fixed validation batches of the looped run's data (the experiment
+    report's heatmap). Raises a BlockloopError (CheckpointError, DataError, AnalysisError)."""
+    looped, payload = load_model(find_run_checkpoint(looped_dir, "last"), device)
+    plain = _load_plain(find_run_checkpoint(plain_dir, "last"), device, looped)
+    cfg = _train_config(payload, batches, None)
+    val, _ = _validation_data(cfg, batches, payload.get("meta") or {})
+    return loop_against_layer(looped, plain, val, device=device)
+
+
 def _train_config(payload: dict, batches: int, data_dir: str | None) -> TrainConfig:
     """The run's TrainConfig (keys this version knows), with `data_dir` if given and at most
     `batches` evaluation batches. Raises ConfigError if it is not valid here."""

@@ -525,3 +525,6 @@ def test_loop_groups_run_against_their_references_with_causal_exit_curves(tmp_pa
     assert [len(r["loop_lipschitz"]) for r in evals] == [2, 2]
     assert "Loop dynamics during training" in report
     assert_valid_png(tmp_path / "out" / "report" / "main_loop_monitor.png")
+    # Loop against layer: the looped variant's iterates against plain_L7's block outputs.
+    assert "Loop against layer" in report
+    assert_valid_png(tmp_path / "out" / "report" / "main_loop_vs_layer.png")

@@ -42,6 +42,8 @@ from blockloop.experiment.files import (
     load_results,
     safe_name,
 )
+from blockloop.analysis import compare_runs
+from blockloop.errors import BlockloopError
 from blockloop.records import code_identity, read_jsonl, same_code
 
 FIG_DPI = 110
@@ -92,6 +94,7 @@ class SectionData:
     def __init__(self, info: dict, plan_runs: list, records: dict, out_dir: Path):
         self.name = info["name"]
         self.info = info
+        self.runs_dir = Path(out_dir) / RUNS_DIR
         self.variants = info["variants"]
         self.by_variant = {v["name"]: [] for v in self.variants}
         self.failed = {v["name"]: [] for v in self.variants}
@@ -512,6 +515,49 @@ def _mark_diverged(ax, recs, ykey, top, color) -> None:
                 label="diverged (non-finite)")
 
 
+def _loop_vs_layer(sec: SectionData, variant: dict) -> dict | None:
+    """CKA of the variant's iterates against its depth-matched reference's layers (the first
+    seed both have), or None where there is no reference or a checkpoint cannot be read."""
+    refs = {r["seed"]: r for r in sec.by_variant.get(variant["references"].get("depth"), [])}
+    rec = next((r for r in sec.by_variant[variant["name"]] if r["seed"] in refs), None)
+    if rec is None:
+        return None
+    try:
+        return compare_runs(sec.runs_dir / rec["run_id"], sec.runs_dir / refs[rec["seed"]]["run_id"])
+    except BlockloopError:
+        return None
+
+
+def fig_loop_vs_layer(sec: SectionData, path: Path) -> str | None:
+    """One heatmap per looped variant: CKA of its first looped unit's iterates (rows) against
+    the block outputs of its depth-matched plain reference (columns)."""
+    results = [(v, _loop_vs_layer(sec, v)) for v in sec.looped()]
+    results = [(v, r) for v, r in results if r is not None]
+    if not results:
+        return None
+    fig, axes = _new_figure(len(results), width=4.2 * len(results), height=4.0)
+    for ax, (v, res) in zip(axes, results):
+        unit = res["units"][0]
+        cka = np.array([[np.nan if c is None else c for c in row] for row in unit["cka"]])
+        image = ax.imshow(cka, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        matched = [(m, t) for t, m in enumerate(unit["matched_layer"]) if m is not None]
+        ax.plot([m for m, _ in matched], [t for _, t in matched], "s", mfc="none", mec="red",
+                markersize=9, label="depth-matched layer")
+        ax.set_yticks(range(cka.shape[0]))
+        ax.set_xticks(range(cka.shape[1]))
+        ax.set_xlabel(f"layer output of {v['references']['depth']}")
+        ax.set_ylabel("iterate t")
+        ax.set_title(f"{v['name']}, blocks {unit['blocks'][0]}-{unit['blocks'][-1]}", fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="linear CKA")
+    _save(fig, path)
+    return ("Linear CKA between each iterate of a looped variant's first looped unit (rows, "
+            "s_0 is its input) and each block output of its depth-matched plain reference "
+            "(columns, 0 is the embedding), seed of the first run both have, on two validation "
+            "batches. Red squares mark the layer at each iterate's depth in the unrolled stack: "
+            "a bright diagonal through them means the loop imitates depth; bright cells "
+            "elsewhere mean iterate t computes what another layer does.")
+
+
 def fig_loop_monitor(sec: SectionData, path: Path) -> str | None:
     """Lipschitz estimate and last-iteration change of every looped variant's loop groups
     against training steps (mean over seeds), from the training-time monitor."""
@@ -839,6 +885,7 @@ def _figures_markdown(sec: SectionData, report_dir: Path) -> list:
     figures = [("Validation curves", "training_curves", fig_training_curves),
                ("Test-time loop scaling", "loop_scaling", fig_loop_scaling),
                ("Loop dynamics during training", "loop_monitor", fig_loop_monitor),
+               ("Loop against layer", "loop_vs_layer", fig_loop_vs_layer),
                ("Automatic exit", "exit_sweep", fig_exit_sweep),
                ("Recurrence equivalence", "recurrence_equivalence", fig_equivalence)]
     if sec.is_task:
