@@ -27,7 +27,7 @@ Logarithms are natural (losses, entropies and KL divergences are in nats).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from blockloop.evaluation import eval_mode
 from blockloop.stats import bootstrap_interval
 
 FATES = ("fixed_point", "cycle", "diverging", "wandering")
@@ -116,16 +117,6 @@ def sigma_max(
 # The only functions that know the loop runner's API.
 
 
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def _tracing_twin(model):
     """`model` if it already traces without eval noise, else a copy with the trace on, eval
     noise off and the same weights (as `blockloop.analysis.tracing_copy`, which this module may
@@ -161,7 +152,7 @@ def unit_inputs(model, idx: torch.Tensor, unit_index: int, num_loops: int):
     """
     _check_unit(model, unit_index)
     twin = _tracing_twin(model)
-    with _eval_mode(twin), torch.no_grad():
+    with eval_mode(twin), torch.no_grad():
         twin(idx, num_loops=num_loops, loop_exit=False)
     unit = twin.last_loop_trace.units[unit_index]
     return unit.x0, unit.states
@@ -208,7 +199,7 @@ def jacobian_sigma_max(
     if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= num_loops:
         raise ValueError(f"iteration={iteration!r}: must be in 1 .. num_loops={num_loops}")
     x0, states = unit_inputs(model, idx, group, num_loops)
-    with _eval_mode(model):
+    with eval_mode(model):
         f = iteration_map(model, group, x0, t)
         return sigma_max(f, states[t - 1], iters=iters, tol=tol, generator=generator).float()
 
@@ -766,7 +757,7 @@ def loop_dynamics(
     _check_dynamics_args(model, batches, fate_factor, lipschitz_sequences, lipschitz_iters, lens)
     twin = _tracing_twin(model)
     ctx = nullcontext() if ctx is None else ctx
-    with _eval_mode(twin):
+    with eval_mode(twin):
         stats, kept = _collect(twin, batches, num_loops, lens, lipschitz_sequences, device, ctx)
         for k, (values, (x0, states)) in enumerate(zip(stats, kept)):
             values["lipschitz"] = _lipschitz(twin, k, x0, states, lipschitz_iters, LIPSCHITZ_TOL)

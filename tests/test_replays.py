@@ -257,3 +257,23 @@ def test_no_tokens_asked_prints_no_nan(trained, capsys):
     code, _, err = sample(capsys, "--out_dir", out, "--device", "cpu", "--max_new_tokens", 0,
                           "--num_samples", 1, "--start", "a")
     assert code == 0 and "nan" not in err.lower()
+
+
+def test_gpt2_padded_vocabulary_samples_decode(tmp_path, capsys, monkeypatch):
+    # nanoGPT's GPT-2 config pads 50257 ids to 50304; here the 47 padding ids even carry the
+    # largest logits, so only the mask keeps them out of the sample.
+    monkeypatch.setenv("BLOCKLOOP_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8))
+    with torch.no_grad():
+        model.lm_head.weight[50257:] *= 200
+    out = tmp_path / "out"
+    out.mkdir()
+    meta = {"tokenizer": {"kind": "gpt2"}, "vocab_size": 50257, "tokenizer_sha256": "x"}
+    save_checkpoint(out / "last.pt", {"format": "blockloop-ckpt-v1", "model": model.state_dict(),
+                                      "model_config": model.config.to_dict(),
+                                      "train_config": {}, "meta": meta})
+    code, text, err = sample(capsys, "--out_dir", out, "--device", "cpu", "--num_samples", 2,
+                             "--max_new_tokens", 20, "--start", "Hello")
+    assert code == 0, err
+    assert text.count("Hello") == 2
