@@ -6,6 +6,8 @@ Test modules import these (`from tests.conftest import ...`) rather than from on
 import json
 
 import numpy as np
+import pytest
+import torch
 
 from blockloop.config import parse_train_args
 from blockloop.train import train
@@ -43,3 +45,29 @@ def run(args):
 
 def read_metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: the machine is shared, and tiny models gain nothing
+    from threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_half_map(model, looped_blocks):
+    """Make the looped blocks exact identities (output projections zero) and every concat
+    adapter W = [-0.5 I | 0], b = 0: then u_t = s + W[s; x0] = 0.5 s, each iteration after the
+    first maps s -> 0.5 s, and its Jacobian is 0.5 I. Returns the model."""
+    with torch.no_grad():
+        for i in looped_blocks:
+            model.transformer.h[i].attn.c_proj.weight.zero_()
+            model.transformer.h[i].mlp.c_proj.weight.zero_()
+        for adapter in model.looper.adapters:
+            eye = torch.eye(adapter.proj.weight.shape[0])
+            adapter.proj.weight.copy_(torch.cat([-0.5 * eye, 0 * eye], dim=1))
+            if adapter.proj.bias is not None:
+                adapter.proj.bias.zero_()
+    return model

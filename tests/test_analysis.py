@@ -30,18 +30,13 @@ from blockloop.analysis import (
 from blockloop.evaluation import evaluate, exit_sweep, loop_scaling
 from blockloop.looping import scaling_loop_counts
 from blockloop.model import GPT, GPTConfig
+from tests.conftest import make_half_map, run, tiny_args, write_token_dataset
 
 VOCAB = 29
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine is shared; these models are far too small to gain from threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tied=True, radius=0, **kw):
@@ -496,13 +491,7 @@ def half_map_model():
     0.5 I there (the identity at t = 1, which has no injection)."""
     torch.manual_seed(0)
     model = GPT(tiny_config(loop_input_injection="concat", bias=False)).eval()
-    looped = model.transformer.h[1]
-    with torch.no_grad():
-        looped.attn.c_proj.weight.zero_()
-        looped.mlp.c_proj.weight.zero_()
-        eye = torch.eye(32)
-        model.looper.adapters[0].proj.weight.copy_(torch.cat([-0.5 * eye, 0 * eye], dim=1))
-    return model
+    return make_half_map(model, [1])
 
 
 def assert_intervals_contain_the_mean(dyn):
@@ -659,8 +648,6 @@ def test_report_survives_non_finite_dynamics(tmp_path):
 
 def test_analyze_compare_to_end_to_end(tmp_path, capsys):
     import matplotlib.image
-
-    from tests.conftest import run, tiny_args, write_token_dataset
 
     data = write_token_dataset(tmp_path / "data", vocab=11)
     looped, plain = tmp_path / "looped", tmp_path / "plain"

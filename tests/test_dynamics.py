@@ -30,16 +30,12 @@ from blockloop.dynamics import (
     unit_inputs,
 )
 from blockloop.model import GPT, GPTConfig
+from tests.conftest import make_half_map
 
 VOCAB = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(injection="concat", tied=True, radius=0, seed=0, **kw):
@@ -126,12 +122,7 @@ def test_identity_blocks_with_half_adapter_have_lipschitz_one_half():
     model = GPT(GPTConfig(block_size=8, vocab_size=VOCAB, n_layer=3, n_head=2, n_embd=16,
                           loop_center_idx=1, max_loops=3, loop_input_injection="concat",
                           bias=False)).eval()
-    looped = model.transformer.h[1]
-    with torch.no_grad():
-        looped.attn.c_proj.weight.zero_()
-        looped.mlp.c_proj.weight.zero_()
-        eye = torch.eye(16)
-        model.looper.adapters[0].proj.weight.copy_(torch.cat([-0.5 * eye, 0 * eye], dim=1))
+    make_half_map(model, [1])
     idx = ids(batch=3)
     torch.testing.assert_close(jacobian_sigma_max(model, idx), torch.full((3,), 0.5))
     # The first iteration has no injection: the map is the identity block itself.

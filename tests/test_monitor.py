@@ -5,7 +5,7 @@ import torch
 
 from blockloop.model import GPT, GPTConfig
 from blockloop.monitor import loop_monitor
-from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
+from tests.conftest import make_half_map, read_metrics, run, tiny_args, write_token_dataset
 
 
 def contraction_model(groups):
@@ -15,15 +15,7 @@ def contraction_model(groups):
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=4, n_head=2, n_embd=16,
                           bias=False, loop_groups=groups, max_loops=3,
                           loop_input_injection="concat"))
-    with torch.no_grad():
-        looped = {i for a, b in groups for i in range(a, b + 1)}
-        for i in looped:
-            model.transformer.h[i].attn.c_proj.weight.zero_()
-            model.transformer.h[i].mlp.c_proj.weight.zero_()
-        for adapter in model.looper.adapters:
-            adapter.proj.weight.zero_()
-            adapter.proj.weight[:, :16] = -0.5 * torch.eye(16)
-    return model
+    return make_half_map(model, [i for a, b in groups for i in range(a, b + 1)])
 
 
 def test_monitor_reports_each_group_lipschitz_and_change():
