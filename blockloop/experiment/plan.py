@@ -241,17 +241,25 @@ def _inside(path: Path, root: Path) -> bool:
 # The plan
 
 
-def plan_experiment(exp: Experiment, out_dir: Path, threads: int = 1) -> tuple[list, dict]:
-    """All runs of the experiment, and a JSON-able description of the plan for the report."""
+def plan_experiment(exp: Experiment, out_dir: Path, threads: int = 1,
+                    extra_seeds: dict | None = None) -> tuple[list, dict]:
+    """All runs of the experiment, and a JSON-able description of the plan for the report.
+
+    extra_seeds: section name -> variant name -> seeds run besides the section's `seeds` (added
+    by adaptive seeding)."""
     runs, sections_info = [], []
+    extra_seeds = extra_seeds or {}
     for section in exp.sections:
         sec_info = {
             "name": section.name, "description": section.description,
             "budget": section.budget, "seeds": section.seeds, "evaluation": section.evaluation,
-            "base": section.base, "variants": [],
+            "base": section.base, "variants": [], "solve_threshold": section.solve_threshold,
+            "adaptive_seeds": section.adaptive_seeds,
         }
+        extra = extra_seeds.get(section.name, {})
         for v in add_baselines(section):
-            v_info, v_runs = _plan_variant(exp, section, v, Path(out_dir), threads)
+            seeds = section.seeds + extra.get(v.name, [])
+            v_info, v_runs = _plan_variant(exp, section, v, seeds, Path(out_dir), threads)
             sec_info["variants"].append(v_info)
             runs += v_runs
         sections_info.append(sec_info)
@@ -266,20 +274,20 @@ def plan_experiment(exp: Experiment, out_dir: Path, threads: int = 1) -> tuple[l
     return runs, info
 
 
-def _plan_variant(exp: Experiment, section: Section, v: Variant, out_dir: Path,
+def _plan_variant(exp: Experiment, section: Section, v: Variant, seeds: list, out_dir: Path,
                   threads: int) -> tuple[dict, list]:
-    """The plan's description of variant `v` and its runs, one per seed."""
+    """The plan's description of variant `v` and its runs, one per seed of `seeds`."""
     full = {**section.base, **v.values}
     config = model_config(full)
     iters, fpi, error = _budget_iters(section, full)
     v_info = {
         "name": v.name, "role": v.role, "overrides": v.values, "references": v.references,
         "baseline_for": v.baseline_for, "looped": config is not None and is_looped(config),
-        "error": error, "iters": iters, "flops_per_iter": fpi,
+        "error": error, "iters": iters, "flops_per_iter": fpi, "seeds": seeds,
     }
     runs_root = out_dir / RUNS_DIR
     runs = []
-    for seed in section.seeds:
+    for seed in seeds:
         run_id = f"{safe_name(section.name)}/{safe_name(v.name)}-s{seed}"
         run_dir = runs_root / run_id
         if not _inside(run_dir, runs_root):

@@ -34,6 +34,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
+from blockloop import stats
+from blockloop.experiment.comparisons import compare, section_pairs, summary_value
 from blockloop.experiment.files import (
     PLAN_FILE,
     REPORT_DIR,
@@ -134,7 +136,24 @@ class SectionData:
 
     def summary_value(self, rec: dict) -> float | None:
         """The one number per run the comparisons use: best val loss, or final val accuracy."""
-        return rec.get("final_val_accuracy") if self.is_task else rec.get("best_val_loss")
+        return summary_value(rec, self.is_task)
+
+    def values(self, name: str) -> dict:
+        """seed -> summary value of variant `name`'s successful runs."""
+        return {r["seed"]: self.summary_value(r) for r in self.by_variant.get(name, [])}
+
+    def comparisons(self) -> list:
+        """The section's seed-paired comparisons (`comparisons.section_pairs`), each the dict of
+        `comparisons.compare`."""
+        return [compare(a, self.values(a), b, self.values(b), higher_is_better=self.is_task)
+                for a, b in section_pairs(self.variants)]
+
+    def comparison(self, a: str, b: str) -> dict | None:
+        """The comparison of a with b (either order), or None if the section does not make it."""
+        for c in self.comparisons():
+            if {c["a"], c["b"]} == {a, b}:
+                return c
+        return None
 
     def loss_top(self) -> float | None:
         if self.is_task or not self.vocab_size:
@@ -182,6 +201,36 @@ def _pm(values, fmt: str = "{:.4f}") -> str:
     return fmt.format(mean) + (f" ± {fmt.format(sd)}" if sd is not None else "")
 
 
+def _ci(values, fmt: str = "{:.4f}") -> str:
+    """Mean over seeds with its 95% Student-t interval, e.g. "1.9823 [1.9712, 1.9934]"."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "—"
+    m = stats.mean_interval(vals)
+    if m["low"] is None:
+        return fmt.format(m["mean"]) + " (1 seed)"
+    return f"{fmt.format(m['mean'])} [{fmt.format(m['low'])}, {fmt.format(m['high'])}]"
+
+
+def _solve_cell(values, threshold: float) -> str:
+    """Seeds at or above `threshold`, the rate and its 95% Wilson interval: "4/5, 0.80
+    [0.38, 0.96]"."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "—"
+    r = stats.solve_rate(vals, threshold)
+    return f"{r['solved']}/{r['n']}, {r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def _median_cell(values, fmt: str = "{:.3f}") -> str:
+    """Median over seeds with the range: "0.998 (0.512–1.000)"."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "—"
+    r = stats.solve_rate(vals, 0.0)
+    return f"{fmt.format(r['median'])} ({fmt.format(r['min'])}–{fmt.format(r['max'])})"
+
+
 def _si(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "—"
@@ -199,7 +248,9 @@ def _summary_table(sec: SectionData) -> list:
     task = sec.is_task
     head = ["variant", "role", "unique params", "eff. depth", "iters", "train FLOPs", "tokens/s",
             "wall s"]
-    head += (["final val acc", "best val acc", "best floor", "final val loss"] if task
+    threshold = sec.info.get("solve_threshold", 0.95)
+    head += ([f"solved (final acc ≥ {threshold:g})", "final val acc, median (range)",
+              "best floor", "final val loss"] if task
              else ["best val loss", "final val loss"])
     head += ["iters used, auto exit", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -230,13 +281,13 @@ def _summary_table(sec: SectionData) -> list:
         if task:
             # The floor sits beside every accuracy: a failing model can look half right.
             floors = r0.get("floors") or {}
-            cells += [_pm([r.get("final_val_accuracy") for r in recs], "{:.3f}"),
-                      _pm([r.get("best_val_accuracy") for r in recs], "{:.3f}"),
+            accuracies = [r.get("final_val_accuracy") for r in recs]
+            cells += [_solve_cell(accuracies, threshold), _median_cell(accuracies),
                       f"{max(floors.values()):.3f}" if floors else "—",
-                      _pm([r.get("final_val_loss") for r in recs])]
+                      _ci([r.get("final_val_loss") for r in recs])]
         else:
-            cells += [_pm([r.get("best_val_loss") for r in recs]),
-                      _pm([r.get("final_val_loss") for r in recs])]
+            cells += [_ci([r.get("best_val_loss") for r in recs]),
+                      _ci([r.get("final_val_loss") for r in recs])]
         n_fail = len(sec.failed[name])
         seeds = ", ".join(str(r["seed"]) for r in recs) + (f" ({n_fail} failed)" if n_fail else "")
         cells += [exit_cell, seeds]
@@ -260,42 +311,43 @@ def _floors_text(floors: dict | None) -> str:
 def gap_fractions(sec: SectionData, v: dict) -> tuple[list, dict] | None:
     """Per seed, the fraction of the parameter-to-depth gap that looped variant `v` closes:
     0 = as good as the parameter-matched plain model, 1 = as good as the depth-matched one.
-    Returns (fractions, details) or None when a reference has no result."""
+
+    Returns (fractions, details) or None when a reference has no result. fractions: (seed,
+    fraction) over the seeds where all three have a result and the references differ; details:
+    the references' names and means, the looped mean, the gap, "closed" (stats.gap_closed over
+    the common seeds: the ratio of means with a bootstrap interval resampling seeds jointly) and
+    "unreliable": the two references do not differ significantly (paired by seed), so there is
+    no measured gap and the fraction is noise."""
     refs = v.get("references") or {}
     if "param" not in refs or "depth" not in refs:
         return None
-    p_recs = sec.by_variant.get(refs["param"], [])
-    d_recs = sec.by_variant.get(refs["depth"], [])
-    v_recs = sec.by_variant[v["name"]]
-    if not (p_recs and d_recs and v_recs):
+    p_vals, d_vals = sec.values(refs["param"]), sec.values(refs["depth"])
+    v_vals = sec.values(v["name"])
+    if not (p_vals and d_vals and v_vals):
         return None
-
-    def at_seed(recs, seed):
-        # Seeds share training batches, so a same-seed reference is the fairest pairing; fall
-        # back to the reference's mean when that seed is missing.
-        same = [sec.summary_value(r) for r in recs if r["seed"] == seed]
-        vals = same if same and same[0] is not None else [sec.summary_value(r) for r in recs]
-        return _stats(vals)[0]
-
-    fractions = []
-    for r in v_recs:
-        value = sec.summary_value(r)
-        p, d = at_seed(p_recs, r["seed"]), at_seed(d_recs, r["seed"])
-        if value is None or not (math.isfinite(p) and math.isfinite(d)) or abs(p - d) < 1e-12:
-            continue
-        fractions.append((r["seed"], (value - p) / (d - p)))
-    p_mean, p_sd, _ = _stats([sec.summary_value(r) for r in p_recs])
-    d_mean, d_sd, _ = _stats([sec.summary_value(r) for r in d_recs])
-    noise = max(p_sd or 0.0, d_sd or 0.0)
+    seeds = [s for s in sorted(v_vals)
+             if all(_finite(x.get(s)) for x in (p_vals, d_vals, v_vals))]
+    fractions = [(s, (v_vals[s] - p_vals[s]) / (d_vals[s] - p_vals[s])) for s in seeds
+                 if abs(d_vals[s] - p_vals[s]) > 1e-12]
+    refs_compared = sec.comparison(refs["depth"], refs["param"])
+    closed = None
+    if seeds:
+        # gap_closed's "losses" read as any metric: the ratio is the same for accuracies.
+        closed = stats.gap_closed([p_vals[s] for s in seeds], [v_vals[s] for s in seeds],
+                                  [d_vals[s] for s in seeds])
+    p_mean = _stats(p_vals.values())[0]
+    d_mean = _stats(d_vals.values())[0]
     details = {
         "param": refs["param"], "depth": refs["depth"], "param_value": p_mean,
-        "depth_value": d_mean,
-        "value": _stats([sec.summary_value(r) for r in v_recs])[0],
-        "gap": d_mean - p_mean,
-        # With the gap inside twice the seed spread, the fraction is mostly noise.
-        "unreliable": noise > 0 and abs(d_mean - p_mean) < 2 * noise,
+        "depth_value": d_mean, "value": _stats(v_vals.values())[0], "gap": d_mean - p_mean,
+        "closed": closed, "seeds": seeds,
+        "unreliable": refs_compared is None or not refs_compared["significant"],
     }
     return fractions, details
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _equivalence_unreliable(sec: SectionData) -> list:
@@ -307,6 +359,15 @@ def _equivalence_unreliable(sec: SectionData) -> list:
     return out
 
 
+def _closed_cell(closed: dict | None) -> str:
+    """The fraction of the gap closed with its bootstrap interval, e.g. "0.62 [0.41, 0.80]"."""
+    if closed is None or closed["estimate"] is None:
+        return "—"
+    if closed["low"] is None or closed["high"] is None:
+        return f"{closed['estimate']:.2f} (no interval)"
+    return f"{closed['estimate']:.2f} [{closed['low']:.2f}, {closed['high']:.2f}]"
+
+
 def _equivalence_table(sec: SectionData) -> list:
     rows = []
     fmt = "{:.3f}" if sec.is_task else "{:.4f}"
@@ -314,28 +375,74 @@ def _equivalence_table(sec: SectionData) -> list:
         res = gap_fractions(sec, v)
         if res is None:
             continue
-        fractions, d = res
-        notes = ["gap within seed noise: fraction unreliable"] if d["unreliable"] else []
+        _, d = res
+        notes = (["the references do not differ significantly: no measured gap, the fraction "
+                  "is noise"] if d["unreliable"] else [])
         n_runs = len(sec.by_variant[v["name"]])
-        if len(fractions) < n_runs:
-            notes.append(f"from {len(fractions)} of {n_runs} seeds (the references tie at the "
-                         f"others)")
-        note = "; ".join(notes)
+        if len(d["seeds"]) < n_runs:
+            notes.append(f"from the {len(d['seeds'])} of {n_runs} seeds all three have")
         rows.append(
             f"| {_md(v['name'])} | {_md(d['param'])} ({fmt.format(d['param_value'])}) | "
             f"{_md(d['depth'])} ({fmt.format(d['depth_value'])}) | {fmt.format(d['value'])} | "
-            f"{_pm([f for _, f in fractions], '{:.2f}')} | {note} |"
+            f"{_closed_cell(d['closed'])} | {'; '.join(notes)} |"
         )
     if not rows:
         return []
     what = "final val accuracy" if sec.is_task else "best val loss"
     if all(_equivalence_unreliable(sec)):
-        rows.append("")
-        rows.append("In this section every pair of references differs by less than twice its "
-                    "seed spread: at this budget extra depth does not measurably help the plain "
-                    "model, so there is no gap for looping to close and the fractions are noise.")
-    return [f"| looped variant | parameter-matched ({what}) | depth-matched ({what}) | "
-            f"looped ({what}) | fraction of gap closed | note |", "|---|---|---|---|---|---|"] + rows
+        rows += ["", "In this section no pair of references differs significantly (paired by "
+                 "seed): at this budget extra depth does not measurably help the plain model, so "
+                 "there is no gap for looping to close and the fractions are noise."]
+    head = (f"| looped variant | parameter-matched ({what}) | depth-matched ({what}) | "
+            f"looped ({what}) | fraction of gap closed [95% bootstrap interval] | note |")
+    return [head, "|---|---|---|---|---|---|"] + rows
+
+
+def _p_cell(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _comparisons_table(sec: SectionData) -> list:
+    """Every comparison of the section with its seed-paired difference, interval and tests."""
+    rows = []
+    fmt = "{:.3f}" if sec.is_task else "{:.4f}"
+    for c in sec.comparisons():
+        if c["n"] == 0:
+            continue
+        diff = fmt.format(c["mean_diff"])
+        if c["low"] is not None:
+            diff += f" [{fmt.format(c['low'])}, {fmt.format(c['high'])}]"
+        verdict = (f"**{_md(c['winner'])} better**" if c["winner"] else
+                   "not significant" if c["n"] > 1 else "one seed: no test")
+        rows.append(f"| {_md(c['a'])} − {_md(c['b'])} | {diff} | {c['n']} | "
+                    f"{_p_cell(c['p_value'])} | {_p_cell(c['p_value_sign_flip'])} | {verdict} |")
+    if not rows:
+        return []
+    what = "final val accuracy" if sec.is_task else "best val loss"
+    return [f"| comparison ({what}) | mean difference [95% interval] | seeds | p (paired t) | "
+            "p (sign flip) | verdict |", "|---|---|---|---|---|---|"] + rows
+
+
+def _findings(sec: SectionData) -> list:
+    """Prose for the significant comparisons only: a difference whose interval includes 0 is
+    not stated as a finding."""
+    units = "in final accuracy" if sec.is_task else "nats in best validation loss"
+    lines = []
+    for c in sec.comparisons():
+        if not c["winner"]:
+            continue
+        loser = c["b"] if c["winner"] == c["a"] else c["a"]
+        size = abs(c["mean_diff"])
+        low, high = sorted((abs(c["low"]), abs(c["high"])))
+        lines.append(f"- `{c['winner']}` beats `{loser}` by {size:.3g} {units} (95% interval "
+                     f"{low:.3g} to {high:.3g}, {c['n']} seeds paired, paired t-test p = "
+                     f"{_p_cell(c['p_value'])}).")
+    if not lines:
+        return ["No difference between the compared variants is significant at 95% with these "
+                "seeds; the table above lists them with their intervals."]
+    return ["Significant at 95% (paired by seed); only these are stated as findings:", ""] + lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,7 +950,11 @@ def _section_markdown(sec: SectionData, report_dir: Path) -> list:
     lines += _summary_table(sec)
     lines += ["", "Wall time is the training loop only (not process start or post-training "
               "evaluation). 'iters used, auto exit' is the mean number of loop iterations at the "
-              "model's own exit threshold, out of the trained count.", ""]
+              "model's own exit threshold, out of the trained count. Intervals are 95%: "
+              "Student-t for means, Wilson for solve rates.", ""]
+    table = _comparisons_table(sec)
+    if table:
+        lines += ["### Comparisons", "", *table, "", *_findings(sec), ""]
     lines += _figures_markdown(sec, report_dir)
     lines += _samples_markdown(sec)
     lines += _failures_markdown(sec)
@@ -867,12 +978,20 @@ def _section_header(sec: SectionData) -> list:
                      f"gets the iterations that cost that much (column 'iters').")
     seeds = info["seeds"]
     if len(seeds) > 1:
-        lines.append(f"Seeds: {', '.join(map(str, seeds))} (± is the sample standard deviation "
-                     f"over seeds; every run of a seed sees the same training batches, every run "
-                     f"the same evaluation batches).")
+        lines.append(f"Seeds: {', '.join(map(str, seeds))} (every run of a seed sees the same "
+                     f"training batches, every run the same evaluation batches; comparisons are "
+                     f"paired by seed).")
     else:
         lines.append(f"Seeds: only {seeds[0]}: this section's budget allows one seed, so no "
                      f"spread is shown and differences may be seed noise.")
+    adaptive = info.get("adaptive_seeds")
+    if adaptive:
+        more = [f"`{v['name']}` {v['seeds'][len(seeds):]}" for v in sec.variants
+                if len(v.get("seeds", seeds)) > len(seeds)]
+        lines.append(f"Adaptive seeding (comparisons narrower than {adaptive['target_width']:g}, "
+                     f"at most {adaptive['max_seeds']} seeds per variant and "
+                     f"{adaptive['max_runs']} added runs): "
+                     + ("added " + "; ".join(more) if more else "no seed needed adding") + ".")
     added = [v for v in sec.variants if v["role"] == "baseline"]
     if added:
         lines.append("Plain references added by the runner: " + "; ".join(

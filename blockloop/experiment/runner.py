@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockloop.experiment.child import CHILD_BOOT
+from blockloop.experiment.comparisons import section_pairs, section_values, seeds_to_add
 from blockloop.experiment.files import (
     PLAN_FILE,
     RESULTS_FILE,
@@ -58,16 +59,47 @@ def run_experiment(
     """Plan, run what is missing, write results.jsonl and the report. Returns a summary dict.
 
     `force` reruns every run; `keep_other_code` keeps finished runs made by other code (by
-    default they are rerun)."""
+    default they are rerun). Sections with `adaptive_seeds` get further rounds: after each, the
+    comparisons whose interval is still too wide get one more seed (`_more_seeds`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpus = cpu_count()
     threads = max(1, cpus // jobs)
-    runs, info = plan_experiment(exp, out_dir, threads)
+    started_at = time.time()
     previous = {} if force else load_results(out_dir)
+    extra_seeds: dict = {}
+    totals = {"ok": 0, "failed": 0, "skipped": None}
+    ran = set()  # run ids started by this invocation (with `force`, the only reusable ones)
+    while True:
+        runs, info = plan_experiment(exp, out_dir, threads, extra_seeds)
+        interrupted = _run_round(exp, out_dir, runs, info, previous, keep_other_code,
+                                 (jobs, threads, cpus, started_at), totals, ran, log,
+                                 status_interval)
+        previous = {k: v for k, v in load_results(out_dir).items() if not force or k in ran}
+        if interrupted or not _more_seeds(exp, info, previous, extra_seeds, log):
+            break
+    wall = time.time() - started_at
+    info.update(wall_time_s=wall, finished=not interrupted, runs_ok_now=totals["ok"],
+                runs_failed_now=totals["failed"])
+    atomic_write_json(out_dir / PLAN_FILE, info, indent=1)
+    report_path = None
+    if not interrupted:
+        report_path = write_report(out_dir)
+        log(f"report: {report_path}")
+    log(f"{totals['ok']} runs done, {totals['failed']} failed, {totals['skipped']} skipped (done "
+        f"before) in {fmt_time(wall)}")
+    return {**totals, "interrupted": interrupted, "wall_time_s": wall, "report": report_path}
+
+
+def _run_round(exp, out_dir: Path, runs: list, info: dict, previous: dict,
+               keep_other_code: bool, machine: tuple, totals: dict, ran: set, log,
+               status_interval: float) -> bool:
+    """Run the runs of one plan that are not done yet; returns whether it was interrupted.
+    `machine` is (jobs, threads per run, CPUs, start time); `totals` (counts) and `ran` (run
+    ids started) are updated in place."""
+    jobs, threads, cpus, started_at = machine
     todo, failed_at_plan, skipped = _triage(runs, previous, exp.name, out_dir, keep_other_code,
                                             log)
-    started_at = time.time()
     n = len(todo) + len(failed_at_plan)
     info.update(
         out_dir=str(out_dir), jobs=jobs, threads_per_run=threads, cpus=cpus,
@@ -85,19 +117,38 @@ def run_experiment(
     scheduler = _Scheduler(exp.name, out_dir, jobs, threads, n, log, status_interval)
     scheduler.index = scheduler.n_failed = len(failed_at_plan)
     # Longest first: the last runs to start are short, so the jobs finish close together.
+    ran.update(p.run_id for p in todo + failed_at_plan)
     interrupted = scheduler.run(sorted(todo, key=lambda p: -p.cost()))
-    wall = time.time() - started_at
-    info.update(wall_time_s=wall, finished=not interrupted,
-                runs_ok_now=scheduler.n_ok, runs_failed_now=scheduler.n_failed)
-    atomic_write_json(out_dir / PLAN_FILE, info, indent=1)
-    report_path = None
-    if not interrupted:
-        report_path = write_report(out_dir)
-        log(f"report: {report_path}")
-    log(f"{scheduler.n_ok} runs done, {scheduler.n_failed} failed, {skipped} skipped (done "
-        f"before) in {fmt_time(wall)}")
-    return {"ok": scheduler.n_ok, "failed": scheduler.n_failed, "skipped": skipped,
-            "interrupted": interrupted, "wall_time_s": wall, "report": report_path}
+    totals["ok"] += scheduler.n_ok
+    totals["failed"] += scheduler.n_failed
+    if totals["skipped"] is None:  # later rounds skip this invocation's own runs
+        totals["skipped"] = skipped
+    return interrupted
+
+
+def _more_seeds(exp: Experiment, info: dict, records: dict, extra_seeds: dict, log) -> bool:
+    """Adaptive seeding: add the next seed to every variant of a comparison whose 95% interval
+    is wider than its section's `adaptive_seeds.target_width`, within `max_seeds` per variant
+    and `max_runs` added runs per section. Updates `extra_seeds` (section -> variant -> seeds);
+    returns whether anything was added."""
+    added = False
+    for section, sec_info in zip(exp.sections, info["sections"]):
+        rule = section.adaptive_seeds
+        if rule is None:
+            continue
+        values = section_values(sec_info, info["runs"], records)
+        wide = seeds_to_add(section_pairs(sec_info["variants"]), values, rule["target_width"])
+        extra = extra_seeds.setdefault(section.name, {})
+        spent = sum(len(s) for s in extra.values())
+        for name in sorted(wide):
+            seeds = section.seeds + extra.get(name, [])
+            if len(seeds) >= rule["max_seeds"] or spent >= rule["max_runs"]:
+                continue
+            extra.setdefault(name, []).append(max(seeds) + 1)
+            spent, added = spent + 1, True
+            log(f"adaptive seeding: {section.name}/{name} gets seed {max(seeds) + 1} (a "
+                f"comparison's 95% interval is wider than {rule['target_width']:g})")
+    return added
 
 
 def _triage(runs: list, previous: dict, experiment_name: str, out_dir: Path,

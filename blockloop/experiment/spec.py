@@ -16,6 +16,8 @@ the file (`LOOP = {"max_loops": 3}`, then `{"name": "a", **LOOP}`). The format
     budget = {"iters": 500}             # or {"flops": 2e12}: training FLOPs per run
     baselines = True                    # add parameter- and depth-matched plain models
     evaluation = {"test_loops": [1, 2, 4, 8, 16], ...}   # post-training evaluation
+    solve_threshold = 0.95              # tasks: a seed solves it at this final accuracy
+    adaptive_seeds = {"target_width": 0.02, "max_seeds": 10, "max_runs": 20}   # optional
 
 Several independent comparisons go in one file as `sections = [{"name": ..., "base": ...,
 "variants": ..., ...}, ...]`; top-level keys other than `name`/`description` are defaults for
@@ -41,7 +43,7 @@ from blockloop.experiment.files import safe_name
 RUNNER_KEYS = ("out_dir", "seed", "max_iters", "lr_decay_iters")
 SECTION_KEYS = (
     "name", "description", "base_config", "base", "variants", "seeds", "budget", "baselines",
-    "evaluation",
+    "evaluation", "solve_threshold", "adaptive_seeds",
 )
 TOP_KEYS = SECTION_KEYS + ("sections",)
 DEFAULT_SECTION = "main"
@@ -62,6 +64,16 @@ EVALUATION_DEFAULTS = {
     "sample_temperature": 0.8,
     "hops": [],  # synthetic tasks: hop counts asked at test time; empty means 1 .. 2 x trained
 }
+# A seed "solves" a synthetic task when its final accuracy reaches this (report only: changing
+# it reruns nothing). Solved-or-not outcomes are reported as solve rates, not means.
+DEFAULT_SOLVE_THRESHOLD = 0.95
+# adaptive_seeds: keys and what each must be.
+ADAPTIVE_KEYS = {
+    "target_width": "the widest acceptable 95% interval of a paired difference, in the "
+                    "section metric's units (a number > 0)",
+    "max_seeds": "the most seeds any variant gets (an integer >= the number of seeds)",
+    "max_runs": "the most runs adaptive seeding may add to the section (an integer >= 0)",
+}
 
 FORMAT_HELP = """experiment file format (Python literals, parsed, never executed):
   name = "looping"                       required; output goes to experiments/<name>/
@@ -76,6 +88,12 @@ FORMAT_HELP = """experiment file format (Python literals, parsed, never executed
   evaluation = {"test_loops": [1, 2, 4, 8, 16], "exit_thresholds": [0.1, 0.01],
                 "exit_max_loops_factor": 2, "samples": 2, "sample_tokens": 200,
                 "sample_temperature": 0.8, "hops": []}
+  solve_threshold = 0.95                 tasks: a seed counts as solved at this accuracy
+  adaptive_seeds = {"target_width": 0.02, "max_seeds": 10, "max_runs": 20}
+                                         optional: after the seeds, add seeds (next integers)
+                                         to every comparison whose 95% interval is wider than
+                                         target_width, up to max_seeds per variant and
+                                         max_runs added runs per section
   sections = [{"name": "a", ...}, ...]   several comparisons in one file; top-level keys
                                          are defaults for every section
   LOOP = {"max_loops": 3}                upper-case names are constants: {"name": "a", **LOOP}
@@ -105,6 +123,8 @@ class Section:
     budget: dict
     baselines: bool
     evaluation: dict
+    solve_threshold: float = DEFAULT_SOLVE_THRESHOLD
+    adaptive_seeds: dict | None = None  # {"target_width", "max_seeds", "max_runs"} or None
 
 
 @dataclass
@@ -191,7 +211,39 @@ def _build_section(raw: dict, where: str, path: Path) -> Section:
     budget = _check_budget(where, raw["budget"])
     baselines = _expect(where, "baselines", raw.get("baselines", True), bool, "True or False")
     evaluation = _check_evaluation(where, raw.get("evaluation", {}))
-    return Section(name, description, base, variants, seeds, budget, baselines, evaluation)
+    threshold = raw.get("solve_threshold", DEFAULT_SOLVE_THRESHOLD)
+    if not (_is_number(threshold) and 0 < threshold <= 1):
+        raise ExperimentError(f"{where}: 'solve_threshold' must be an accuracy in (0, 1], "
+                              f"got {threshold!r}")
+    adaptive = _check_adaptive(where, raw.get("adaptive_seeds"), len(seeds))
+    return Section(name, description, base, variants, seeds, budget, baselines, evaluation,
+                   float(threshold), adaptive)
+
+
+def _check_adaptive(where: str, adaptive, n_seeds: int) -> dict | None:
+    """The validated `adaptive_seeds` dict of a section (None: off)."""
+    if adaptive is None:
+        return None
+    _expect(where, "adaptive_seeds", adaptive, dict,
+            'a dict: {"target_width": 0.02, "max_seeds": 10, "max_runs": 20}')
+    for key in adaptive:
+        if key not in ADAPTIVE_KEYS:
+            raise ExperimentError(f"{where}: unknown adaptive_seeds key '{key}'"
+                                  f"{_suggest(key, ADAPTIVE_KEYS)}")
+    for key, what in ADAPTIVE_KEYS.items():
+        if key not in adaptive:
+            raise ExperimentError(f"{where}: adaptive_seeds needs '{key}': {what}")
+    width, max_seeds, max_runs = (adaptive[k] for k in ADAPTIVE_KEYS)
+    if not (_is_number(width) and width > 0):
+        raise ExperimentError(f"{where}: adaptive_seeds 'target_width' must be a number > 0 "
+                              f"(in the section metric's units), got {width!r}")
+    if not _is_int(max_seeds, max(n_seeds, 2)):
+        raise ExperimentError(f"{where}: adaptive_seeds 'max_seeds' must be an integer >= "
+                              f"{max(n_seeds, 2)} (the section's seeds), got {max_seeds!r}")
+    if not _is_int(max_runs, 0):
+        raise ExperimentError(f"{where}: adaptive_seeds 'max_runs' must be an integer >= 0, "
+                              f"got {max_runs!r}")
+    return {"target_width": float(width), "max_seeds": max_seeds, "max_runs": max_runs}
 
 
 def _build_variants(where: str, raw: dict) -> list:
