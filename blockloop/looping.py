@@ -45,7 +45,9 @@ generation cache (`blockloop.sampling`), so a full forward pass with token exit 
 decoding with token exit.
 
 Training options: `loop_sampling` draws each group's iteration count for a step
-(`sample_num_loops`, one generator per group, seeded by the trainer from (seed, step, group));
+(`sample_num_loops`, one generator per group, seeded by the trainer from (seed, step, group))
+around the count `loop_schedule` gives that step (`scheduled_counts`: the trained count, or
+progressive looping, or a curriculum ramping it up; formulas there);
 `loop_backprop_depth = k > 0` runs all but the last k iterations of each unit without a graph;
 `loop_checkpointing` recomputes each iteration's activations in the backward pass.
 
@@ -63,8 +65,10 @@ some sequences have exited, the remaining iterations run on the active rows thro
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -73,6 +77,7 @@ from torch.utils.checkpoint import checkpoint
 
 INJECTION_MODES = ("none", "add", "concat")
 LOOP_SAMPLING_MODES = ("fixed", "poisson_lognormal", "uniform")
+LOOP_SCHEDULES = ("constant", "progressive", "curriculum")
 STATE_INITS = ("input", "noise")
 STATE_NORMS = ("none", "layernorm")
 EXIT_CRITERIA = ("relative_change", "kl", "entropy", "delta_change")
@@ -291,12 +296,13 @@ def scaling_loop_counts(config, extra=()) -> list[int]:
 
 def may_skip_gradients(config) -> bool:
     """Whether some training step may leave parameters without a gradient (DDP must then look
-    for unused parameters): the concat adapters when a sampled count is 1 (they act from
-    iteration 2), and every block before a loop under truncated backprop without injection
-    (no path back to x0)."""
+    for unused parameters): the concat adapters when a step's count is 1 (they act from
+    iteration 2), as a sampled count or an early step of a loop schedule may be, and every
+    block before a loop under truncated backprop without injection (no path back to x0)."""
     if not is_looped(config):
         return False
-    sampled_one = has_adapters(config) and config.loop_sampling != "fixed"
+    varying = config.loop_sampling != "fixed" or config.loop_schedule != "constant"
+    sampled_one = has_adapters(config) and varying
     truncated = config.loop_backprop_depth > 0 and config.injection_mode == "none"
     return sampled_one or truncated
 
@@ -328,6 +334,7 @@ def validate_loop_keys(config) -> None:
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{key}={value}: must be a finite number >= 0")
     _one_of("loop_sampling", config.loop_sampling, LOOP_SAMPLING_MODES)
+    _validate_schedule(config)
     _one_of("loop_state_init", config.loop_state_init, STATE_INITS)
     _one_of("loop_state_norm", config.loop_state_norm, STATE_NORMS)
     _one_of("automatic_loop_exit_criterion", config.automatic_loop_exit_criterion, EXIT_CRITERIA)
@@ -349,6 +356,22 @@ def validate_loop_keys(config) -> None:
         raise ValueError(
             "loop_backprop_depth > 0 cannot be combined with "
             "automatic_loop_exit_in_training=True; use one of them"
+        )
+
+
+def _validate_schedule(config) -> None:
+    _one_of("loop_schedule", config.loop_schedule, LOOP_SCHEDULES)
+    fraction = config.loop_schedule_fraction
+    if not 0 < fraction <= 1:  # also refuses NaN
+        raise ValueError(
+            f"loop_schedule_fraction={fraction}: must be in (0, 1], the fraction of max_iters "
+            f"the schedule takes (e.g. 0.5)"
+        )
+    if config.loop_schedule != "constant" and not group_ranges(config):
+        raise ValueError(
+            f"loop_schedule={config.loop_schedule!r} schedules the iteration count of a loop, "
+            f"but the model has none: set loop_center_idx or loop_groups, or "
+            f"loop_schedule='constant'"
         )
 
 
@@ -494,11 +517,110 @@ def sample_num_loops(config, generator: torch.Generator, mean: int | None = None
     return int(min(1 + draw.item(), cap))
 
 
-def sample_loop_counts(config, generators: list[torch.Generator]):
-    """One draw per group (`generators[g]` for group g) around each group's trained count; an
-    int for a one-group model (what `num_loops` then takes), else a list."""
-    counts = [sample_num_loops(config, gen, n) for gen, n in zip(generators, trained_counts(config))]
+def sample_loop_counts(config, generators: list[torch.Generator], means=None):
+    """One draw per group (`generators[g]` for group g) around `means[g]` (default: the trained
+    counts); an int for a one-group model (what `num_loops` then takes), else a list."""
+    means = trained_counts(config) if means is None else means
+    counts = [sample_num_loops(config, gen, n) for gen, n in zip(generators, means)]
     return counts[0] if len(counts) == 1 else counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop schedules: each training step's iteration count per group
+
+
+def _schedule_fraction(config) -> Fraction:
+    # The fraction as written (0.3 is 3/10, not the binary float just below it), so that
+    # f * max_iters lands on the step one expects, and exact arithmetic, so that
+    # `scheduled_counts` and `schedule_steps` can never disagree by a rounding.
+    return Fraction(repr(float(config.loop_schedule_fraction)))
+
+
+def switch_step(config, max_iters: int) -> int:
+    """The first step of a "progressive" run at the full count: s = floor(f * max_iters + 1/2),
+    f = loop_schedule_fraction (f * max_iters rounded half up, so in [0, max_iters])."""
+    return math.floor(_schedule_fraction(config) * max_iters + Fraction(1, 2))
+
+
+def scheduled_counts(config, iter_num: int, max_iters: int) -> list[int]:
+    """Each group's iteration count at training step `iter_num` (0-based) of a `max_iters`-step
+    run under `loop_schedule`: the count a step runs with "fixed" `loop_sampling`, the mean a
+    random `loop_sampling` draws around otherwise. With T the group's trained count
+    (`trained_counts`), f = `loop_schedule_fraction`, N = max_iters, i = iter_num:
+
+        "constant"     T
+        "progressive"  1 for i < s, T from s on, s = floor(f N + 1/2)  (`switch_step`)
+        "curriculum"   floor(m + 1/2), m = 1 + (T - 1) min(1, i / (f N)): the mean ramps
+                       linearly from 1 at step 0 to T at step f N and stays there; it is
+                       rounded half up because the samplers take an integer mean
+
+    Every group follows the schedule with its own T, switching (progressive) at the same step.
+    The counts depend on (config, iter_num, max_iters) alone, so a resumed run continues the
+    schedule exactly (with the same max_iters); steps from max_iters on get T.
+
+    Sources: training a recurrence at a reduced count first and raising it is a depth
+    curriculum in the family of gradual stacking (Saunshi et al. 2024, "On the inductive bias
+    of stacking towards improving reasoning"), and ramping the mean of the sampled recurrence
+    over training is used for recurrent-depth models (McLeish et al. 2025, "Teaching
+    pretrained language models to think deeper with retrofitted recurrence", building on
+    Geiping et al. 2025, "Scaling up test-time compute with latent reasoning"). The forms here
+    (one switch step; a linear ramp from 1) are this module's choices, not a reproduction of
+    those recipes.
+    """
+    counts = trained_counts(config)
+    if config.loop_schedule == "constant":
+        return counts
+    if config.loop_schedule == "progressive":
+        return [1 if iter_num < switch_step(config, max_iters) else t for t in counts]
+    ramp = _schedule_fraction(config) * max_iters
+    progress = Fraction(1) if iter_num >= ramp else Fraction(iter_num) / ramp
+    return [math.floor(1 + (t - 1) * progress + Fraction(1, 2)) for t in counts]
+
+
+def _change_steps(config, max_iters: int) -> list[int]:
+    """The steps where some group's scheduled count changes (some may lie outside the run)."""
+    if config.loop_schedule == "progressive":
+        return [switch_step(config, max_iters)]
+    if config.loop_schedule == "constant":
+        return []
+    ramp = _schedule_fraction(config) * max_iters
+    # A curriculum count reaches k >= 2 at the first step i with 1 + (T-1) i / ramp + 1/2 >= k,
+    # i >= (k - 3/2) ramp / (T-1); past the ramp every such inequality holds.
+    return [math.ceil((k - Fraction(3, 2)) * ramp / (t - 1))
+            for t in trained_counts(config) for k in range(2, t + 1)]
+
+
+def schedule_steps(config, max_iters: int) -> list[tuple[list[int], int]]:
+    """The steps 0 .. max_iters-1 of a run as (scheduled counts per group, number of steps)
+    pairs, consecutive runs of equal counts in order: `sum(n * cost(counts))` is the run's
+    total for any per-step cost, at a few terms per group rather than one per step."""
+    inside = {s for s in _change_steps(config, max_iters) if 0 < s < max_iters}
+    edges = sorted({0, max_iters} | inside) if max_iters > 0 else []
+    return [(scheduled_counts(config, a, max_iters), b - a) for a, b in itertools.pairwise(edges)]
+
+
+def mean_scheduled_loops(config, max_iters: int) -> list[float]:
+    """Each group's scheduled count averaged over the steps of a `max_iters`-step run
+    (the trained counts for max_iters = 0); for a random `loop_sampling` the mean of the draws'
+    means, which is the expected count up to the samplers' cap."""
+    steps = schedule_steps(config, max_iters)
+    if not steps:
+        return [float(t) for t in trained_counts(config)]
+    return [sum(counts[g] * n for counts, n in steps) / max_iters
+            for g in range(len(steps[0][0]))]
+
+
+def step_num_loops(config, iter_num: int, max_iters: int, generators: list[torch.Generator]):
+    """The `num_loops` of training step `iter_num` of a `max_iters`-step run: None where every
+    step runs the trained counts (constant schedule, fixed sampling: the model's default),
+    else the scheduled counts (`scheduled_counts`) with "fixed" sampling or one draw per group
+    around them (`generators[g]` for group g); an int for a one-group model, else a list."""
+    if config.loop_schedule == "constant" and config.loop_sampling == "fixed":
+        return None
+    means = scheduled_counts(config, iter_num, max_iters)
+    if config.loop_sampling != "fixed":
+        return sample_loop_counts(config, generators, means)
+    return means[0] if len(means) == 1 else means
 
 
 @dataclass(frozen=True)

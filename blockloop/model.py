@@ -54,6 +54,10 @@ class GPTConfig:
     automatic_loop_exit_in_training: bool = False
     loops_representation: bool = False
     loop_sampling: str = "fixed"
+    # Each training step's count (the mean of sampled ones): "constant", "progressive" or
+    # "curriculum" over the first loop_schedule_fraction of max_iters (looping.scheduled_counts).
+    loop_schedule: str = "constant"
+    loop_schedule_fraction: float = 0.5
     loop_backprop_depth: int = 0
     loop_checkpointing: bool = False
     # Second-generation looping (blockloop.looping's docstring has the formulas).

@@ -56,7 +56,7 @@ from blockloop.looping import (
     group_means,
     is_looped,
     may_skip_gradients,
-    sample_loop_counts,
+    step_num_loops,
 )
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 from blockloop.monitor import MONITOR_SEQUENCES, loop_monitor
@@ -626,8 +626,9 @@ def setup(cfg: TrainConfig, model_overrides: dict, log=print) -> Trainer:
 @dataclass
 class StepResult:
     """One training step: `loss` is the mean over the step's micro-batches (and ranks); `loops`
-    the mean iterations the looped range ran; `flops` the step's training FLOPs; `dt` its wall
-    time in seconds. A step with a non-finite loss made no update (loops None, flops 0)."""
+    the mean iterations the looped range ran, `group_loops` those of each loop group (None for
+    a plain model); `flops` the step's training FLOPs, counted at the iterations run; `dt` its
+    wall time in seconds. A step with a non-finite loss made no update (loops None, flops 0)."""
 
     loss: float
     lr: float
@@ -635,6 +636,7 @@ class StepResult:
     flops: float
     dt: float
     stop_requested: bool
+    group_loops: list[float] | None = None
 
     @property
     def finite(self) -> bool:
@@ -652,11 +654,11 @@ def train_step(t: Trainer, iter_num: int) -> StepResult:
     """
     cfg, raw = t.cfg, t.raw_model
     num_loops = None
-    if raw.loop_plan is not None and raw.config.loop_sampling != "fixed":
+    if raw.loop_plan is not None:
         # One draw per group from (seed, step, group); group 0's seed is the one-loop seed.
         gens = [torch.Generator().manual_seed(mix_seed(cfg.seed, iter_num, 2, *([g] if g else [])))
                 for g in range(len(raw.loop_plan.groups))]
-        num_loops = sample_loop_counts(raw.config, gens)
+        num_loops = step_num_loops(raw.config, iter_num, cfg.max_iters, gens)
     lr = get_lr(iter_num, cfg)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
@@ -665,7 +667,7 @@ def train_step(t: Trainer, iter_num: int) -> StepResult:
     loss, stop_requested = all_reduce_step(t, loss_sum.item(), t.stop.signal_name is not None)
     if not math.isfinite(loss):
         t.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, lr, None, 0.0, time.time() - t0, stop_requested)
+        return StepResult(loss, lr, None, 0.0, time.time() - t0, stop_requested, None)
     if cfg.grad_clip > 0:
         t.scaler.unscale_(t.optimizer)
         torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
@@ -681,7 +683,7 @@ def train_step(t: Trainer, iter_num: int) -> StepResult:
     else:
         loops, per_group = raw.config.max_loops, None
     flops = raw.flops_per_token(per_group) * t.tokens_per_iter
-    return StepResult(loss, lr, loops, flops, dt, stop_requested)
+    return StepResult(loss, lr, loops, flops, dt, stop_requested, per_group)
 
 
 def forward_backward(t: Trainer, iter_num: int, num_loops: int | None):
@@ -748,6 +750,7 @@ def log_step(t: Trainer, iter_num: int, step: StepResult) -> None:
             "iter": iter_num, "kind": "train", "loss": step.loss, "lr": step.lr,
             "time_ms": step.dt * 1000, "tokens_per_sec": t.tokens_per_iter / max(step.dt, 1e-9),
             "train_flops": t.train_flops, "loops": step.loops,
+            **({"group_loops": step.group_loops} if step.group_loops is not None else {}),
         }, iter_num)
         if t.bar is not None:
             t.bar.set_postfix(loss=f"{step.loss:.4f}", ms=f"{step.dt * 1000:.0f}")

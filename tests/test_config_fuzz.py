@@ -137,6 +137,10 @@ SPACE = {
     "loops_representation": BOOL,
     "loop_sampling": (choice("fixed", "uniform", "poisson_lognormal"),
                       bad_choice("fixed", "uniform", "poisson_lognormal")),
+    "loop_schedule": (choice("constant", "progressive", "curriculum"),
+                      bad_choice("constant", "progressive", "curriculum")),
+    "loop_schedule_fraction": (floats(0.01, 1), st.sampled_from([0.0, -0.5, 1.5, float("nan"),
+                                                                  float("inf")]) | NOT_NUMBERS),
     "loop_backprop_depth": (ints(0, 3), bad_int(0)),
     "loop_checkpointing": BOOL,
     # Second-generation looping. The legal draws keep the centre/radius form (their cross-key
@@ -207,6 +211,9 @@ def faults(dataset, values, bad):
     ), "loop_center_idx", "loop_radius", "n_layer")
     rule(lambda: v["concatenate_initial_representation"] and v["loop_input_injection"] == "add",
          "concatenate_initial_representation", "loop_input_injection")
+    # A loop schedule needs a loop (the drawn configurations loop through loop_center_idx only).
+    rule(lambda: v["loop_schedule"] != "constant" and v["loop_center_idx"] < 0,
+         "loop_schedule", "loop_center_idx")
     # Truncated backprop's gradient window could lie past an early exit in training.
     rule(lambda: v["loop_backprop_depth"] > 0 and v["automatic_loop_exit_in_training"],
          "loop_backprop_depth", "automatic_loop_exit_in_training")

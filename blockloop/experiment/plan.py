@@ -3,8 +3,9 @@
 Each variant is resolved to a validated training config; keys the runner owns (`out_dir`,
 `seed`, `max_iters`, `lr_decay_iters`) are set per run, so every run of a seed sees the same
 training batches and every run sees the same evaluation batches. A FLOPs budget becomes
-iterations per variant: budget / (training FLOPs per token at the mean iteration count x tokens
-per iteration). A variant whose config is invalid becomes a planned failure with its error; the
+iterations per variant: the number whose expected training FLOPs (tokens per iteration x
+training FLOPs per token, each step at its loop schedule's mean iteration counts) come nearest
+the budget. A variant whose config is invalid becomes a planned failure with its error; the
 others still run.
 
 References. For every looped variant (`blockloop.looping.is_looped`) the planner adds the plain
@@ -33,7 +34,7 @@ from blockloop.config import TrainConfig, all_keys, build_configs
 from blockloop.errors import ConfigError, ExperimentError
 from blockloop.experiment.files import RUNS_DIR, safe_name
 from blockloop.experiment.spec import Experiment, Section, Variant
-from blockloop.looping import effective_depth, is_looped
+from blockloop.looping import effective_depth, is_looped, schedule_steps, trained_counts
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 from blockloop.tasks import task_from_config
 
@@ -194,33 +195,57 @@ def _data_vocab_size(cfg: TrainConfig) -> int:
         ) from None
 
 
-def _flops_per_iter(cfg: TrainConfig, model_overrides: dict) -> float:
-    """Training FLOPs of one iteration at the mean iteration count, as train.py counts them."""
+def _cost_per_iter(cfg: TrainConfig, model_overrides: dict):
+    """A function `iters -> expected training FLOPs per iteration` over a run of that many
+    iterations, as train.py counts them: each step at its loop schedule's counts
+    (`blockloop.looping.schedule_steps`); a sampled count's cost is taken at its mean, the
+    scheduled count (the samplers' mean up to their cap, `blockloop.looping.sample_num_loops`).
+    Raises ExperimentError where the data's vocabulary size is unknown."""
     kwargs = dict(model_overrides)
     kwargs.setdefault("vocab_size", _data_vocab_size(cfg))
     config = GPTConfig(block_size=cfg.block_size, **kwargs)
     # On the meta device no memory is allocated, so sizing a large model costs nothing.
     with torch.device("meta"):
         model = GPT(config)
-    # Every loop_sampling mode has mean max_loops (blockloop.looping.sample_num_loops).
     tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    return model.flops_per_token(config.max_loops) * tokens
+
+    def per_iter(iters: int) -> float:
+        steps = schedule_steps(config, iters) or [(trained_counts(config), 1)]
+        total = sum(n * model.flops_per_token(counts) for counts, n in steps)
+        return total / sum(n for _, n in steps) * tokens
+
+    return per_iter
+
+
+def _iters_for_flops(budget: float, per_iter) -> int:
+    """The number of iterations whose expected training FLOPs come nearest `budget`.
+
+    The cost of an iteration depends on the run's length only through the loop schedule (its
+    switch and ramp steps scale with it), so a few fixed-point steps n <- budget / per_iter(n)
+    settle it (at once for a constant schedule); the best iterate is kept."""
+    tried, n = {}, 1
+    while n not in tried and len(tried) < 20:
+        tried[n] = per_iter(n)
+        n = max(1, round(budget / tried[n]))
+    return min(tried, key=lambda k: (abs(k * tried[k] - budget), k))
 
 
 def _budget_iters(section: Section, full: dict) -> tuple[int | None, float | None, str | None]:
-    """(iterations, training FLOPs per iteration, planning error) of a variant's values."""
+    """(iterations, expected training FLOPs per iteration over those iterations, planning
+    error) of a variant's values."""
     iters, fpi = None, None
     try:
         train_cfg, model_overrides = build_configs({**full, "max_iters": 1, "lr_decay_iters": 1})
+        iters = section.budget.get("iters")
         try:
-            fpi = _flops_per_iter(train_cfg, model_overrides)
+            per_iter = _cost_per_iter(train_cfg, model_overrides)
         except ExperimentError:
             if "flops" in section.budget:
                 raise
-        if "iters" in section.budget:
-            iters = section.budget["iters"]
-        else:
-            iters = max(1, round(section.budget["flops"] / fpi))
+            return iters, None, None
+        if iters is None:
+            iters = _iters_for_flops(section.budget["flops"], per_iter)
+        fpi = per_iter(iters)
     except (ConfigError, ExperimentError, ValueError) as e:
         return iters, fpi, f"{type(e).__name__}: {e}"
     return iters, fpi, None
