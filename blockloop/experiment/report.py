@@ -34,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from blockloop.experiment import depth_protocol
+from blockloop.experiment.depth_protocol import section_markdown as depth_protocol_markdown
 from blockloop.experiment.files import (
     PLAN_FILE,
     REPORT_DIR,
@@ -846,7 +846,7 @@ def _section_markdown(sec: SectionData, report_dir: Path) -> list:
               "evaluation). 'iters used, auto exit' is the mean number of loop iterations at the "
               "model's own exit threshold, out of the trained count.", ""]
     lines += _figures_markdown(sec, report_dir)
-    lines += depth_protocol.section_markdown(sec, report_dir)
+    lines += depth_protocol_markdown(sec, report_dir)
     lines += _samples_markdown(sec)
     lines += _failures_markdown(sec)
     missing = [run["run_id"] for runs in sec.missing.values() for run in runs]
