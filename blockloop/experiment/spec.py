@@ -22,7 +22,8 @@ the file (`LOOP = {"max_loops": 3}`, then `{"name": "a", **LOOP}`). The format
 is trained once per count in `train_loops` (variants `<variant>_r<r>`, its `max_loops` set to r;
 a variant of the section with that very config is reused) and every run is evaluated at every
 count, so the report can say whether a model trained at r and run at r' > r beats the model
-trained at r' (`blockloop.experiment.depth_protocol`).
+trained at r' (`blockloop.experiment.depth_protocol`). Written at the top level it applies to
+every section; `cross_model_depth = None` in a section switches it off there.
 
 Several independent comparisons go in one file as `sections = [{"name": ..., "base": ...,
 "variants": ..., ...}, ...]`; top-level keys other than `name`/`description` are defaults for
