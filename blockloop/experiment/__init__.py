@@ -14,6 +14,8 @@ kind of matched baseline is an edit to `plan` alone:
 - `runner`: the parent: which runs are done (same config and same code), the others up to
   `--jobs` at a time with progress and ETA, one `results.jsonl` record per run, then the report.
 - `report`: `report/report.md` and its figures from the output directory.
+- `depth_protocol`: the report's part for a section's `cross_model_depth` request (each trained
+  iteration count evaluated at every count, with paired verdicts); `report` calls it.
 - `files`: the output directory's file names, `load_results` and `safe_name`, shared by the
   runner and the report so that neither imports the other.
 - `command`: the command line (`main`).

@@ -17,6 +17,11 @@ config to the plain reference's values:
 - "depth", *depth-matched*: as many unique blocks as the looped model's effective depth
   (`blockloop.looping.effective_depth`).
 
+The cross-model depth protocol (a section's `cross_model_depth`): before the references are
+added, the named looped variant is expanded into one variant per trained count r
+(`depth_protocol_variants`), each evaluated at every count of the protocol; its references
+follow from the usual rule.
+
 A new kind of reference (e.g. compute-matched) is one more function in REFERENCES; the report
 shows every reference a variant names, and compares against "param" and "depth".
 """
@@ -130,10 +135,48 @@ def _canonical(values: dict) -> str | None:
     return json.dumps({"train": tdict, "model": resolved}, sort_keys=True)
 
 
-def add_baselines(section: Section) -> list:
-    """The section's variants plus, for each looped one, its REFERENCES (reusing an existing
-    variant with the same resolved config)."""
+def depth_protocol_variants(section: Section) -> list:
+    """The section's variants plus, for its `cross_model_depth` request, the named variant
+    trained at every count r of `train_loops` (`<variant>_r<r>`, max_loops = r). A variant of
+    the section with the same resolved config stands for r instead of a new one. Each variant of
+    the protocol gets its count (`depth_protocol_count`) and every count as `extra_loops`."""
     variants = [Variant(v.name, dict(v.values)) for v in section.variants]
+    request = section.cross_model_depth
+    if not request:
+        return variants
+    by_canonical = {}
+    for v in variants:
+        key = _canonical({**section.base, **v.values})
+        if key is not None:
+            by_canonical.setdefault(key, v)
+    named = next(v for v in variants if v.name == request["variant"])
+    taken = {v.name for v in variants} | {safe_name(v.name) for v in variants}
+    for r in request["train_loops"]:
+        values = {**named.values, "max_loops": r}
+        key = _canonical({**section.base, **values})
+        # An invalid config has no canonical form: it gets its own variant (a planned failure).
+        match = by_canonical.get(key) if key is not None else None
+        if match is None:
+            match = Variant(_free_name(f"{named.name}_r{r}", taken), values)
+            variants.append(match)
+        match.depth_protocol_count = r
+        match.extra_loops = list(request["train_loops"])
+    return variants
+
+
+def _free_name(name: str, taken: set) -> str:
+    """`name`, suffixed until neither it nor its directory name is taken; then taken."""
+    while name in taken or safe_name(name) in taken:
+        name += "_x"
+    taken.update((name, safe_name(name)))
+    return name
+
+
+def add_baselines(section: Section) -> list:
+    """The section's variants (with those of its `cross_model_depth` request, see
+    `depth_protocol_variants`) plus, for each looped one, its REFERENCES (reusing an existing
+    variant with the same resolved config)."""
+    variants = depth_protocol_variants(section)
     if not section.baselines:
         return variants
     by_canonical = {}
@@ -282,11 +325,19 @@ def plan_experiment(exp: Experiment, out_dir: Path, threads: int = 1,
             "adaptive_seeds": section.adaptive_seeds,
         }
         extra = extra_seeds.get(section.name, {})
-        for v in add_baselines(section):
+        variants = add_baselines(section)
+        for v in variants:
             seeds = section.seeds + extra.get(v.name, [])
             v_info, v_runs = _plan_variant(exp, section, v, seeds, Path(out_dir), threads)
             sec_info["variants"].append(v_info)
             runs += v_runs
+        if section.cross_model_depth:
+            sec_info["cross_model_depth"] = {
+                **section.cross_model_depth,
+                "trained": [{"train_loops": v.depth_protocol_count, "variant": v.name}
+                            for v in sorted(variants, key=lambda v: v.depth_protocol_count or 0)
+                            if v.depth_protocol_count is not None],
+            }
         sections_info.append(sec_info)
     info = {
         "name": exp.name, "description": exp.description, "file": exp.path,
@@ -305,6 +356,7 @@ def _plan_variant(exp: Experiment, section: Section, v: Variant, seeds: list, ou
     full = {**section.base, **v.values}
     config = model_config(full)
     iters, fpi, error = _budget_iters(section, full)
+    evaluation = _evaluation(section, v)
     v_info = {
         "name": v.name, "role": v.role, "overrides": v.values, "references": v.references,
         "baseline_for": v.baseline_for, "looped": config is not None and is_looped(config),
@@ -326,7 +378,16 @@ def _plan_variant(exp: Experiment, section: Section, v: Variant, seeds: list, ou
         values.setdefault("wandb_run_name", f"{exp.name}/{run_id}")
         runs.append(RunPlan(
             run_id=run_id, section=section.name, variant=v.name, seed=seed, role=v.role,
-            run_dir=run_dir, values=values, evaluation=section.evaluation, iters=iters,
-            flops_per_iter=fpi, spec_hash=_spec_hash(values, section.evaluation), error=error,
+            run_dir=run_dir, values=values, evaluation=evaluation, iters=iters,
+            flops_per_iter=fpi, spec_hash=_spec_hash(values, evaluation), error=error,
         ))
     return v_info, runs
+
+
+def _evaluation(section: Section, v: Variant) -> dict:
+    """The section's evaluation, with the variant's `extra_loops` among the test-time counts
+    (`looping.scaling_loop_counts` drops those the model cannot run)."""
+    if not v.extra_loops:
+        return section.evaluation
+    counts = sorted(set(section.evaluation["test_loops"]) | set(v.extra_loops))
+    return {**section.evaluation, "test_loops": counts}

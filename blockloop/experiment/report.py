@@ -36,6 +36,7 @@ from matplotlib.ticker import FuncFormatter, NullLocator
 
 from blockloop import stats
 from blockloop.experiment.comparisons import compare, section_pairs, summary_value
+from blockloop.experiment.depth_protocol import section_markdown as depth_protocol_markdown
 from blockloop.experiment.files import (
     PLAN_FILE,
     REPORT_DIR,
@@ -956,6 +957,7 @@ def _section_markdown(sec: SectionData, report_dir: Path) -> list:
     if table:
         lines += ["### Comparisons", "", *table, "", *_findings(sec), ""]
     lines += _figures_markdown(sec, report_dir)
+    lines += depth_protocol_markdown(sec, report_dir)
     lines += _samples_markdown(sec)
     lines += _failures_markdown(sec)
     missing = [run["run_id"] for runs in sec.missing.values() for run in runs]

@@ -18,6 +18,14 @@ the file (`LOOP = {"max_loops": 3}`, then `{"name": "a", **LOOP}`). The format
     evaluation = {"test_loops": [1, 2, 4, 8, 16], ...}   # post-training evaluation
     solve_threshold = 0.95              # tasks: a seed solves it at this final accuracy
     adaptive_seeds = {"target_width": 0.02, "max_seeds": 10, "max_runs": 20}   # optional
+    cross_model_depth = {"variant": "loop", "train_loops": [1, 2, 3, 4, 6]}   # optional
+
+`cross_model_depth` asks for the cross-model test-time depth protocol: the named looped variant
+is trained once per count in `train_loops` (variants `<variant>_r<r>`, its `max_loops` set to r;
+a variant of the section with that very config is reused) and every run is evaluated at every
+count, so the report can say whether a model trained at r and run at r' > r beats the model
+trained at r' (`blockloop.experiment.depth_protocol`). Written at the top level it applies to
+every section; `cross_model_depth = None` in a section switches it off there.
 
 Several independent comparisons go in one file as `sections = [{"name": ..., "base": ...,
 "variants": ..., ...}, ...]`; top-level keys other than `name`/`description` are defaults for
@@ -33,9 +41,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockloop.config import all_keys, parse_assignments, read_config_file
+from blockloop.config import (
+    all_keys,
+    build_configs,
+    parse_assignments,
+    read_config_file,
+)
 from blockloop.errors import ConfigError, ExperimentError
 from blockloop.experiment.files import safe_name
+from blockloop.looping import is_looped
+from blockloop.model import GPTConfig
 
 # Keys every run gets from the runner. Written in an experiment file they would be silently
 # ignored, so they are refused there; coming from a base_config file (e.g. nanoGPT-style configs
@@ -43,10 +58,12 @@ from blockloop.experiment.files import safe_name
 RUNNER_KEYS = ("out_dir", "seed", "max_iters", "lr_decay_iters")
 SECTION_KEYS = (
     "name", "description", "base_config", "base", "variants", "seeds", "budget", "baselines",
-    "evaluation", "solve_threshold", "adaptive_seeds",
+    "evaluation", "solve_threshold", "adaptive_seeds", "cross_model_depth",
 )
 TOP_KEYS = SECTION_KEYS + ("sections",)
 DEFAULT_SECTION = "main"
+# The keys of `cross_model_depth`: the looped variant to retrain, and its trained counts.
+CROSS_MODEL_KEYS = ("variant", "train_loops")
 EVALUATION_DEFAULTS = {
     # Test-time iteration counts for looped variants, added to those every loop-scaling curve
     # gets (blockloop.looping.scaling_loop_counts: 1 .. twice the trained count, 1, 2, 4, 8, 16),
@@ -94,6 +111,11 @@ FORMAT_HELP = """experiment file format (Python literals, parsed, never executed
                                          to every comparison whose 95% interval is wider than
                                          target_width, up to max_seeds per variant and
                                          max_runs added runs per section
+  cross_model_depth = {"variant": "loop", "train_loops": [1, 2, 3, 4, 6]}
+                                         train the looped variant once per count (variants
+                                         loop_r1, loop_r2, ...: max_loops = r) and evaluate
+                                         each at every count: does a model run beyond its
+                                         trained count beat the model trained at that count?
   sections = [{"name": "a", ...}, ...]   several comparisons in one file; top-level keys
                                          are defaults for every section
   LOOP = {"max_loops": 3}                upper-case names are constants: {"name": "a", **LOOP}
@@ -109,6 +131,10 @@ class Variant:
     role: str = "variant"  # "variant" or "baseline" (added by the runner)
     references: dict = field(default_factory=dict)  # looped variants: {"param": ..., "depth": ...}
     baseline_for: list = field(default_factory=list)
+    # The cross-model depth protocol: the trained count this variant stands for, and the
+    # test-time counts its evaluation adds (every count of the protocol).
+    depth_protocol_count: int | None = None
+    extra_loops: list = field(default_factory=list)
 
 
 @dataclass
@@ -125,6 +151,8 @@ class Section:
     evaluation: dict
     solve_threshold: float = DEFAULT_SOLVE_THRESHOLD
     adaptive_seeds: dict | None = None  # {"target_width", "max_seeds", "max_runs"} or None
+    # {"variant": name, "train_loops": sorted distinct counts}, or None (see CROSS_MODEL_KEYS)
+    cross_model_depth: dict | None = None
 
 
 @dataclass
@@ -216,8 +244,11 @@ def _build_section(raw: dict, where: str, path: Path) -> Section:
         raise ExperimentError(f"{where}: 'solve_threshold' must be an accuracy in (0, 1], "
                               f"got {threshold!r}")
     adaptive = _check_adaptive(where, raw.get("adaptive_seeds"), len(seeds))
+    depth = None
+    if raw.get("cross_model_depth") is not None:
+        depth = _check_cross_model_depth(where, raw["cross_model_depth"], base, variants)
     return Section(name, description, base, variants, seeds, budget, baselines, evaluation,
-                   float(threshold), adaptive)
+                   float(threshold), adaptive, depth)
 
 
 def _check_adaptive(where: str, adaptive, n_seeds: int) -> dict | None:
@@ -340,6 +371,49 @@ def _check_evaluation(where: str, evaluation) -> dict:
                 raise ExperimentError(f"{where}: '{name}' must be an integer >= {minimum}")
         out[key] = value
     return out
+
+
+def _check_cross_model_depth(where: str, value, base: dict, variants: list) -> dict:
+    """The section's `cross_model_depth` request, checked against its variants."""
+    key = "cross_model_depth"
+    _expect(where, key, value, dict,
+            'a dict: {"variant": "<looped variant>", "train_loops": [1, 2, 3, 4, 6]}')
+    for k in value:
+        if k not in CROSS_MODEL_KEYS:
+            raise ExperimentError(f"{where}: unknown key '{k}' in '{key}'"
+                                  f"{_suggest(k, CROSS_MODEL_KEYS)}")
+    names = [v.name for v in variants]
+    name = value.get("variant")
+    if name not in names:
+        raise ExperimentError(f"{where}: '{key}.variant' must name a variant of the section "
+                              f"({', '.join(names)}), got {name!r}")
+    if "train_loops" not in value:
+        raise ExperimentError(f"{where}: '{key}.train_loops' is missing, e.g. [1, 2, 3, 4, 6]")
+    counts = _int_list(where, f"{key}.train_loops", value["train_loops"], 1)
+    if len(set(counts)) < 2 or len(set(counts)) != len(counts):
+        raise ExperimentError(f"{where}: '{key}.train_loops' must hold at least two distinct "
+                              f"iteration counts, got {counts!r}")
+    full = {**base, **next(v for v in variants if v.name == name).values}
+    if full.get("loop_counts"):
+        # One count per group would leave open which group's count r sets.
+        raise ExperimentError(f"{where}: '{key}': variant '{name}' sets 'loop_counts'; the "
+                              f"protocol sets the trained count through 'max_loops', so give "
+                              f"the variant 'max_loops' instead")
+    if _looped(full) is False:
+        raise ExperimentError(f"{where}: '{key}': variant '{name}' is not looped (give it a "
+                              f"looped range, e.g. 'loop_center_idx': 0)")
+    return {"variant": name, "train_loops": sorted(counts)}
+
+
+def _looped(values: dict) -> bool | None:
+    """Whether flat config `values` build a looped model; None if they are invalid (the planner
+    then records every run of the variant as a failure with its error)."""
+    try:
+        train_cfg, model = build_configs(values)
+        config = GPTConfig(block_size=train_cfg.block_size, **{"vocab_size": 1, **model})
+    except (ConfigError, ValueError, TypeError):
+        return None
+    return is_looped(config)
 
 
 def _check_base(where: str, key: str, values: dict) -> dict:
