@@ -262,30 +262,29 @@ def test_default_experiment_plans_every_required_comparison():
     runs, info = plan_experiment(exp, Path("/nonexistent/out"))
     by_section = {s["name"]: s for s in info["sections"]}
     assert set(by_section) == {"shakespeare", "phop"}
+    # Issue 15: intervals need seeds; solved-or-not outcomes need at least five.
+    assert len(by_section["shakespeare"]["seeds"]) >= 3
+    assert len(by_section["phop"]["seeds"]) >= 5
     for sec in info["sections"]:
-        assert len(sec["seeds"]) >= 2
         for v in sec["variants"]:
-            if v["looped"]:
+            if v["looped"] and v["name"] in {"loop_2x3", "loop_1x4"}:
                 assert set(v["references"]) == {"param", "depth"}
-    configs = []
-    for r in runs:
-        train, model = build_configs(r.values)
-        configs.append((r.section, model))
-    shakespeare = [m for s, m in configs if s == "shakespeare"]
-    assert any(m.get("loop_center_idx", -1) < 0 and m["n_layer"] == n
-               for m in shakespeare for n in (2, 4))
-    assert any(m.get("tied_looping") is False for m in shakespeare)
-    assert any(m.get("loop_input_injection") == "concat" for m in shakespeare)
-    assert any(m.get("loop_sampling", "fixed") != "fixed" for m in shakespeare)
-    phop = [m for s, m in configs if s == "phop"]
-    for n in (1, 2, 4):
-        assert any(m.get("loop_center_idx", -1) < 0 and m["n_layer"] == n for m in phop)
-    assert any(m["n_layer"] == 1 and m.get("loop_center_idx") == 0 and m["max_loops"] == 4
-               for m in phop)
-    for injection in ("none", "add"):
-        assert any(m["n_layer"] == 2 and m.get("loop_center_idx", -1) >= 0
-                   and m.get("loop_input_injection", "none") == injection
-                   and m["n_layer"] + m["max_loops"] - 1 == 4 for m in phop)
+    models = {(r.section, r.variant): build_configs(r.values)[1] for r in runs}
+    # Shakespeare at nanoGPT's baby size: plain 2 and 4 layers of 128 channels, and the looped
+    # model between them.
+    for n in (2, 4):
+        m = models[("shakespeare", f"plain_L{n}")]
+        assert m["n_layer"] == n and m["n_embd"] == 128
+    loop = models[("shakespeare", "loop_2x3")]
+    assert loop["n_layer"] + loop["max_loops"] - 1 == 4
+    # p-hop: the cross-model depth protocol at r = 1, 2, 3, 4, 6 of one block.
+    trained = by_section["phop"]["cross_model_depth"]["trained"]
+    assert [t["train_loops"] for t in trained] == [1, 2, 3, 4, 6]
+    for t in trained:
+        m = models[("phop", t["variant"])]
+        assert m["n_layer"] == 1 and m["loop_center_idx"] == 0
+        assert m["max_loops"] == t["train_loops"]
+    assert {("phop", "plain_L1"), ("phop", "plain_L4")} <= set(models)
 
 
 # ---------------------------------------------------------------------------------------------

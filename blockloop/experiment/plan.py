@@ -175,10 +175,13 @@ def _free_name(name: str, taken: set) -> str:
 def add_baselines(section: Section) -> list:
     """The section's variants (with those of its `cross_model_depth` request, see
     `depth_protocol_variants`) plus, for each looped one, its REFERENCES (reusing an existing
-    variant with the same resolved config)."""
+    variant with the same resolved config). A variant the protocol added is compared with the
+    protocol's other counts, not with plain references, so it gets none (they would cost runs of
+    up to max(train_loops) unique blocks)."""
     variants = depth_protocol_variants(section)
     if not section.baselines:
         return variants
+    written = {v.name for v in section.variants}
     by_canonical = {}
     for v in variants:
         key = _canonical({**section.base, **v.values})
@@ -188,7 +191,7 @@ def add_baselines(section: Section) -> list:
     for v in list(variants):
         full = {**section.base, **v.values}
         config = model_config(full)
-        if config is None or not is_looped(config):
+        if config is None or not is_looped(config) or v.name not in written:
             continue
         for kind, reference in REFERENCES.items():
             ref_values = reference(full, config)
