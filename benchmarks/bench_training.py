@@ -46,12 +46,13 @@ def measure_peak_flops(dtype=torch.float32, n=2048, repeats=5) -> float:
     return 2 * n**3 / best
 
 
-def make_step(model, batch, block_size, vocab, autocast_dtype=None):
-    """A closure running one optimiser step of `model` on fixed random tokens."""
+def make_step(model, batch, block_size, vocab, autocast_dtype=None, opt=None):
+    """A closure running one optimiser step of `model` on fixed random tokens (`opt`: the
+    optimizer, default plain AdamW)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, block_size), generator=g)
     y = torch.randint(0, vocab, (batch, block_size), generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     def step():
@@ -86,15 +87,25 @@ def load_nanogpt(nanogpt_dir: str):
     return module
 
 
+def own_optimizer(model):
+    """The optimizer each project's training script builds, with nanoGPT's Shakespeare
+    settings: both GPTs have `configure_optimizers(weight_decay, lr, betas, device_type)`
+    (blockloop fuses the AdamW update on CPU, nanoGPT on CUDA only)."""
+    return model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+
+
 def bench_vs_nanogpt(nanogpt_dir, config, batch, rounds) -> dict:
+    """blockloop's training step against nanoGPT's on the same batches, each with its own
+    optimizer (`own_optimizer`), alternating; medians and their ratio."""
     nano = load_nanogpt(nanogpt_dir)
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**config))
     nano_model = nano.GPT(nano.GPTConfig(**config))
+    block, vocab = config["block_size"], config["vocab_size"]
     med = paired_times(
         {
-            "blockloop": make_step(ours, batch, config["block_size"], config["vocab_size"]),
-            "nanogpt": make_step(nano_model, batch, config["block_size"], config["vocab_size"]),
+            "blockloop": make_step(ours, batch, block, vocab, opt=own_optimizer(ours)),
+            "nanogpt": make_step(nano_model, batch, block, vocab, opt=own_optimizer(nano_model)),
         },
         rounds,
     )

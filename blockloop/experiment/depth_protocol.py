@@ -33,8 +33,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
+from blockloop.experiment.comparisons import compare as paired_comparison
 from blockloop.experiment.files import safe_name
-from blockloop.stats import mean_interval, paired_difference
+from blockloop.stats import mean_interval
 
 CONFIDENCE = 0.95
 FIG_DPI = 110  # as the rest of the report
@@ -126,22 +127,18 @@ def cell_interval(seed_values: dict) -> dict | None:
 
 def compare(grid: DepthGrid, short: int, long: int) -> Verdict:
     """The model trained at `short` run at `long` against the one trained at `long`, paired by
-    seed; significant when the paired t interval of the difference excludes 0."""
+    seed (`comparisons.compare`); significant when the paired t interval of the difference
+    excludes 0."""
     a, b = grid.at(short, long), grid.at(long, long)
-    common = sorted(set(a) & set(b))
-    seeds = [s for s in common if math.isfinite(a[s]) and math.isfinite(b[s])]
-    excluded = [s for s in common if s not in seeds]
-    test = None
-    if seeds:
-        test = paired_difference([a[s] for s in seeds], [b[s] for s in seeds], CONFIDENCE)
-    if len(seeds) < 2:
+    c = paired_comparison("short", a, "long", b, grid.higher_is_better)
+    excluded = [s for s in sorted(set(a) & set(b)) if s not in c["seeds"]]
+    if c["n"] < 2:
         outcome = "undetermined"
-    elif not test["significant"]:
+    elif c["winner"] is None:
         outcome = "ties"
     else:
-        better = test["mean_diff"] > 0 if grid.higher_is_better else test["mean_diff"] < 0
-        outcome = "beats" if better else "loses"
-    return Verdict(short, long, outcome, test, seeds, excluded)
+        outcome = "beats" if c["winner"] == "short" else "loses"
+    return Verdict(short, long, outcome, c if c["n"] else None, c["seeds"], excluded)
 
 
 def verdicts(grid: DepthGrid) -> list:
