@@ -104,7 +104,7 @@ class Settings:
 
 
 def resolve_settings(args) -> Settings:
-    """Settings for `args`: the GPU defaults, or the CPU dry run. Exits with status 2 when no
+    """Settings for `args`: the GPU defaults, or the CPU dry run. Exits (status 1) when no
     CUDA device is there and `--dry_run` was not given."""
     if args.dry_run:
         peak, source = args.peak_flops, "--peak_flops"
