@@ -259,6 +259,23 @@ def test_rolling_cache_with_token_exit_equals_banded_attention_with_token_exit()
     torch.testing.assert_close(got, want[:, :-1], atol=1e-10, rtol=1e-10)
 
 
+def test_rolling_cache_with_per_sequence_adaptive_exit_keeps_rows_independent():
+    """Rows that stop at different iterations write their ring slots through the row view and
+    are filled in by `advance`: each row decodes as it would alone."""
+    model = make(seed=2, **{**ROLLING["tied"], "max_loops": 5})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.mul_(8.0)
+    idx = tokens(3, 3 * BLOCK, seed=3)
+    batched, stats = teacher_forced_logits(model, idx, 2, adaptive_exit=True, exit_threshold=0.5)
+    assert 2 < stats["mean_iterations"] < 5 and stats["full_forwards"] == 1
+    for b in range(3):
+        alone, _ = teacher_forced_logits(model, idx[b:b + 1], 2, adaptive_exit=True,
+                                         exit_threshold=0.5)
+        torch.testing.assert_close(alone[0], batched[b], atol=1e-10, rtol=1e-10)
+
+
 def test_one_block_model_rolls_to_exactly_the_recomputed_window():
     """Keys of the first block's first iteration depend on their token and position only, and
     RoPE scores on distances only: shifting the window changes nothing there."""
