@@ -13,6 +13,9 @@ a machine that slows down mid-benchmark affects both sides alike):
    shape, random weights) is given a full window (block_size 256 tokens) and generates 500 more,
    with its rolling cache (one cached single-token step per token; sliding-window attention, see
    blockloop/sampling.py) against recomputing the last block_size tokens for every new token.
+   With --rope_out_dir (a trained RoPE run), also the validation loss of both past block_size:
+   the rolling cache computes sliding-window attention, not the recomputed window, and only a
+   trained model tells how far apart the two are.
 3. What does per-token adaptive exit buy and cost? On a looped model trained briefly on
    shakespeare_char (or a checkpoint given with --out_dir), held-out sequences are decoded token
    by token through the cache (teacher-forced) with adaptive exit, at thresholds taken from the
@@ -22,8 +25,8 @@ a machine that slows down mid-benchmark affects both sides alike):
    per-iteration exit check, dominate a decoding step.
 
 `python benchmarks/bench_generation.py [--quick] [--only cache|rope|exit] [--out_dir DIR]
-[--threads N]` prints one JSON object per measurement; `run(quick)` returns them as a list of
-dicts.
+[--rope_out_dir DIR] [--threads N]` prints one JSON object per measurement; `run(quick)`
+returns them as a list of dicts.
 """
 
 from __future__ import annotations
@@ -171,6 +174,32 @@ def rope_rolling(quick: bool) -> list[dict]:
     }]
 
 
+def rope_window_loss(out_dir: str, quick: bool) -> list[dict]:
+    """Teacher-forced validation loss of a trained RoPE run over 4 x block_size tokens, within
+    and past block_size, rolling cache against the recomputed window (`refill_keep`)."""
+    model, payload = load_model(find_run_checkpoint(out_dir), "cpu")
+    if model.config.position_embedding != "rope":
+        return [{"benchmark": "rope_window_loss", "skipped": f"{out_dir} is not a RoPE model"}]
+    block = model.config.block_size
+    val = _val_tokens(Path((payload.get("meta") or {}).get("data_dir", DEFAULT_DATA_DIR)))
+    length, n_seq = 4 * block, 4 if quick else 24
+    starts = np.linspace(0, len(val) - length - 1, n_seq).astype(np.int64)
+    idx = torch.from_numpy(np.stack([val[s: s + length] for s in starts]))
+    rows = []
+    for mode, keep in (("recomputed window", block), ("rolling cache", None)):
+        seconds, (logits, stats) = _timed(lambda k=keep: teacher_forced_logits(model, idx, 1,
+                                                                               refill_keep=k))
+        ce = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")
+        rows.append({
+            "benchmark": "rope_window_loss", "model": out_dir, "mode": mode,
+            "block_size": block, "sequences": n_seq, "tokens_per_sequence": length,
+            "val_loss_within_block": round(float(ce[:, : block - 1].mean()), 4),
+            "val_loss_past_block": round(float(ce[:, block - 1:].mean()), 4),
+            "seconds": round(seconds, 2), "full_forwards": stats["full_forwards"],
+        })
+    return rows
+
+
 def _train_looped(data_dir: Path, steps: int) -> tuple[GPT, np.ndarray]:
     """A small looped model trained for `steps` AdamW steps on the dataset; and its val tokens."""
     from blockloop.data import TokenDataset
@@ -295,10 +324,11 @@ def adaptive_exit(quick: bool, out_dir: str | None, data_dir: Path) -> list[dict
 
 
 def run(quick: bool, out_dir: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,
-        only: str | None = None) -> list[dict]:
+        only: str | None = None, rope_out_dir: str | None = None) -> list[dict]:
     parts = {
         "cache": lambda: cache_speed(quick),
-        "rope": lambda: rope_rolling(quick),
+        "rope": lambda: rope_rolling(quick) + (
+            rope_window_loss(rope_out_dir, quick) if rope_out_dir else []),
         "exit": lambda: adaptive_exit(quick, out_dir, Path(data_dir)),
     }
     return [row for name, part in parts.items() if only in (None, name) for row in part()]
@@ -309,13 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
     p.add_argument("--only", choices=["cache", "rope", "exit"], default=None,
                    help="run one part: the cache, RoPE's rolling cache, or adaptive exit")
+    p.add_argument("--rope_out_dir", default=None,
+                   help="a trained RoPE run: its loss past block_size, rolling vs recomputed")
     p.add_argument("--out_dir", default=None, help="use this run's checkpoint for adaptive exit")
     p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="dataset for the trained model")
     # One thread by default: the figures are ratios, and the machine is often shared.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for row in run(args.quick, args.out_dir, Path(args.data_dir), args.only):
+    for row in run(args.quick, args.out_dir, Path(args.data_dir), args.only, args.rope_out_dir):
         print(json.dumps(row), flush=True)
     return 0
 

@@ -24,16 +24,16 @@ from tests import reference
 
 VOCAB = 19
 BLOCK = 8
-BASE = dict(block_size=BLOCK, vocab_size=VOCAB, n_layer=4, n_head=2, n_embd=16, dropout=0.0,
-            position_embedding="rope")
+BASE = {"block_size": BLOCK, "vocab_size": VOCAB, "n_layer": 4, "n_head": 2, "n_embd": 16,
+        "dropout": 0.0, "position_embedding": "rope"}
 
 ROLLING = {
-    "plain": dict(),
-    "tied": dict(loop_center_idx=1, loop_radius=1, max_loops=3, loop_input_injection="add"),
-    "untied": dict(loop_center_idx=2, loop_radius=1, max_loops=3, tied_looping=False,
-                   loop_input_injection="concat"),
-    "groups": dict(loop_groups=[[0, 1], [3, 3]], loop_counts=[2, 3], loop_input_injection="add",
-                   loop_state_norm="layernorm"),
+    "plain": {},
+    "tied": {"loop_center_idx": 1, "loop_radius": 1, "max_loops": 3, "loop_input_injection": "add"},
+    "untied": {"loop_center_idx": 2, "loop_radius": 1, "max_loops": 3, "tied_looping": False,
+               "loop_input_injection": "concat"},
+    "groups": {"loop_groups": [[0, 1], [3, 3]], "loop_counts": [2, 3],
+               "loop_input_injection": "add", "loop_state_norm": "layernorm"},
 }
 
 
@@ -170,11 +170,11 @@ def test_rope_has_no_position_parameters_and_learned_keeps_nanogpt_names():
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(position_embedding="alibi"), "position_embedding"),
-    (dict(position_embedding="rope", n_embd=18, n_head=2), "even"),
-    (dict(position_embedding="rope", rope_base=1.0), "rope_base"),
-    (dict(position_embedding="rope", rope_base=float("inf")), "rope_base"),
-    (dict(position_embedding="learned", rope_base=500.0), "only used with"),
+    ({"position_embedding": "alibi"}, "position_embedding"),
+    ({"position_embedding": "rope", "n_embd": 18, "n_head": 2}, "even"),
+    ({"position_embedding": "rope", "rope_base": 1.0}, "rope_base"),
+    ({"position_embedding": "rope", "rope_base": float("inf")}, "rope_base"),
+    ({"position_embedding": "learned", "rope_base": 500.0}, "only used with"),
 ])
 def test_position_keys_are_validated(kw, words):
     with pytest.raises(ValueError, match=words):
@@ -287,8 +287,9 @@ def test_one_block_model_rolls_to_exactly_the_recomputed_window():
 
 
 @pytest.mark.parametrize("kw", [ROLLING["untied"],
-                                dict(loop_center_idx=1, max_loops=3, loop_input_injection="add",
-                                     loop_state_init="noise", loop_noise_scale=0.5)])
+                                {"loop_center_idx": 1, "max_loops": 3,
+                                 "loop_input_injection": "add", "loop_state_init": "noise",
+                                 "loop_noise_scale": 0.5}])
 def test_refill_keep_and_noise_init_re_prefill_the_exact_recomputed_window(kw):
     """`refill_keep=block_size` (asked for) and "noise" init (whose eval noise is per absolute
     position, so it cannot roll) renumber the window from 0: nanoGPT's recomputation."""
