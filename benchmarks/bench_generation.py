@@ -9,7 +9,14 @@ a machine that slows down mid-benchmark affects both sides alike):
    block_size the cache either re-prefills every step (`refill_keep = block_size`, exact, the
    default) or re-prefills half a window every half window (`refill_keep = block_size // 2`);
    both are measured, and a run that stays within block_size shows the cache's own speed.
-2. What does per-token adaptive exit buy and cost? On a looped model trained briefly on
+2. Generation past block_size with rotary positions: a RoPE model (6x384, nanoGPT's Shakespeare
+   shape, random weights) is given a full window (block_size 256 tokens) and generates 500 more,
+   with its rolling cache (one cached single-token step per token; sliding-window attention, see
+   blockloop/sampling.py) against recomputing the last block_size tokens for every new token.
+   With --rope_out_dir (a trained RoPE run), also the validation loss of both past block_size:
+   the rolling cache computes sliding-window attention, not the recomputed window, and only a
+   trained model tells how far apart the two are.
+3. What does per-token adaptive exit buy and cost? On a looped model trained briefly on
    shakespeare_char (or a checkpoint given with --out_dir), held-out sequences are decoded token
    by token through the cache (teacher-forced) with adaptive exit, at thresholds taken from the
    per-token deltas the model actually shows; reported: mean iterations per token, the decoding
@@ -17,8 +24,9 @@ a machine that slows down mid-benchmark affects both sides alike):
    same timing on a 4x wider model with random weights shows the speed once blocks, not the
    per-iteration exit check, dominate a decoding step.
 
-`python benchmarks/bench_generation.py [--quick] [--out_dir DIR] [--threads N]` prints one JSON
-object per measurement; `run(quick)` returns them as a list of dicts.
+`python benchmarks/bench_generation.py [--quick] [--only cache|rope|exit] [--out_dir DIR]
+[--rope_out_dir DIR] [--threads N]` prints one JSON object per measurement; `run(quick)`
+returns them as a list of dicts.
 """
 
 from __future__ import annotations
@@ -124,6 +132,71 @@ def cache_speed(quick: bool) -> list[dict]:
                 "repeats": repeats,
                 "exact_equals_generate": same,
             })
+    return rows
+
+
+# nanoGPT's Shakespeare shape with rotary positions (quick: a small one).
+ROPE_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "position_embedding": "rope"}
+ROPE_MODEL_QUICK = {"n_layer": 2, "n_head": 4, "n_embd": 64, "position_embedding": "rope"}
+
+
+def rope_rolling(quick: bool) -> list[dict]:
+    """A RoPE model generating past a full window: rolling cache against recomputation."""
+    block_size = 64 if quick else 256
+    new_tokens = 120 if quick else 500
+    repeats = 1 if quick else 3
+    shape = ROPE_MODEL_QUICK if quick else ROPE_MODEL
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=65, dropout=0.0, **shape)).eval()
+    prompt = torch.randint(0, 65, (1, block_size), generator=torch.Generator().manual_seed(1))
+
+    def run(use_cache):
+        return lambda: generate(model, prompt, new_tokens, temperature=1.0, use_cache=use_cache,
+                                generator=torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        med, out = _alternate({"recompute": run(False), "rolling": run(True)}, repeats)
+    stats = out["rolling"][1]
+    return [{
+        "benchmark": "rope_rolling_cache_vs_recompute",
+        "model": dict(shape),
+        "block_size": block_size,
+        "prompt_tokens": block_size,
+        "new_tokens": new_tokens,
+        "recompute_s": round(med["recompute"], 3),
+        "rolling_s": round(med["rolling"], 3),
+        "speedup": round(med["recompute"] / med["rolling"], 2),
+        "rolling_full_forwards": stats["full_forwards"],
+        "rolling_cached_steps": stats["cached_steps"],
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "note": "rolling = sliding-window attention, not the recomputed window (sampling.py)",
+    }]
+
+
+def rope_window_loss(out_dir: str, quick: bool) -> list[dict]:
+    """Teacher-forced validation loss of a trained RoPE run over 4 x block_size tokens, within
+    and past block_size, rolling cache against the recomputed window (`refill_keep`)."""
+    model, payload = load_model(find_run_checkpoint(out_dir), "cpu")
+    if model.config.position_embedding != "rope":
+        return [{"benchmark": "rope_window_loss", "skipped": f"{out_dir} is not a RoPE model"}]
+    block = model.config.block_size
+    val = _val_tokens(Path((payload.get("meta") or {}).get("data_dir", DEFAULT_DATA_DIR)))
+    length, n_seq = 4 * block, 4 if quick else 24
+    starts = np.linspace(0, len(val) - length - 1, n_seq).astype(np.int64)
+    idx = torch.from_numpy(np.stack([val[s: s + length] for s in starts]))
+    rows = []
+    for mode, keep in (("recomputed window", block), ("rolling cache", None)):
+        seconds, (logits, stats) = _timed(lambda k=keep: teacher_forced_logits(model, idx, 1,
+                                                                               refill_keep=k))
+        ce = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")
+        rows.append({
+            "benchmark": "rope_window_loss", "model": out_dir, "mode": mode,
+            "block_size": block, "sequences": n_seq, "tokens_per_sequence": length,
+            "val_loss_within_block": round(float(ce[:, : block - 1].mean()), 4),
+            "val_loss_past_block": round(float(ce[:, block - 1:].mean()), 4),
+            "seconds": round(seconds, 2), "full_forwards": stats["full_forwards"],
+        })
     return rows
 
 
@@ -250,20 +323,31 @@ def adaptive_exit(quick: bool, out_dir: str | None, data_dir: Path) -> list[dict
     return rows + _exit_rows(wide, seqs, (0.5,), repeats, "same shape, n_embd=512, random weights")
 
 
-def run(quick: bool, out_dir: str | None = None, data_dir: Path = DEFAULT_DATA_DIR) -> list[dict]:
-    return cache_speed(quick) + adaptive_exit(quick, out_dir, Path(data_dir))
+def run(quick: bool, out_dir: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,
+        only: str | None = None, rope_out_dir: str | None = None) -> list[dict]:
+    parts = {
+        "cache": lambda: cache_speed(quick),
+        "rope": lambda: rope_rolling(quick) + (
+            rope_window_loss(rope_out_dir, quick) if rope_out_dir else []),
+        "exit": lambda: adaptive_exit(quick, out_dir, Path(data_dir)),
+    }
+    return [row for name, part in parts.items() if only in (None, name) for row in part()]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
+    p.add_argument("--only", choices=["cache", "rope", "exit"], default=None,
+                   help="run one part: the cache, RoPE's rolling cache, or adaptive exit")
+    p.add_argument("--rope_out_dir", default=None,
+                   help="a trained RoPE run: its loss past block_size, rolling vs recomputed")
     p.add_argument("--out_dir", default=None, help="use this run's checkpoint for adaptive exit")
     p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="dataset for the trained model")
     # One thread by default: the figures are ratios, and the machine is often shared.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for row in run(args.quick, args.out_dir, Path(args.data_dir)):
+    for row in run(args.quick, args.out_dir, Path(args.data_dir), args.only, args.rope_out_dir):
         print(json.dumps(row), flush=True)
     return 0
 

@@ -638,9 +638,8 @@ def check_dynamics_options(config, fate_factor, lipschitz_sequences, lipschitz_i
 
 def plain_block_outputs(model: GPT, idx) -> torch.Tensor:
     """The residual streams h_0 .. h_n of a plain model on token ids idx (B, L): h_0 is the
-    embedding drop(wte(idx) + wpe(pos)), h_i the output of block i-1; (n_layer+1, B, L, C)."""
-    pos = torch.arange(idx.shape[1], dtype=torch.long, device=idx.device)
-    x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))
+    embedding (`GPT.embed`), h_i the output of block i-1; (n_layer+1, B, L, C)."""
+    x = model.embed(idx)
     outputs = [x]
     for block in model.transformer.h:
         x = block(x)

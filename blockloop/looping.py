@@ -674,6 +674,11 @@ class _FrozenKV:
     def __init__(self, store: dict, key, active, inner=None):
         self.store, self.key, self.active, self.inner = store, key, active, inner
 
+    @property
+    def past_length(self) -> int:
+        """The position of the first new token (RoPE reads it): the cache's, else 0."""
+        return 0 if self.inner is None else self.inner.past_length
+
     def extend(self, k, v):
         if self.key in self.store:
             keep = ~self.active[:, None, :, None]

@@ -5,6 +5,11 @@ handed to `blockloop.looping.LoopRunner`, and the blocks after it run once. With
 (`loop_center_idx = -1`) the forward pass is the plain nanoGPT stack, so a nanoGPT checkpoint
 (same `transformer.*` / `lm_head` names) loads and gives the same logits.
 
+Positions: learned absolute embeddings (`wpe`, nanoGPT's and GPT-2's, the default) or rotary
+embeddings (`position_embedding = "rope"`, `RotaryEmbedding`): q and k of every head are rotated
+by their token's position in every attention call, so an attention score depends on the distance
+between two tokens only, and the model has no position parameters.
+
 `GPTConfig` validates itself on construction: a bad value raises `ValueError` naming the key.
 """
 
@@ -26,6 +31,8 @@ from blockloop.looping import (
 )
 
 GELU_APPROXIMATIONS = ("none", "tanh")
+POSITION_EMBEDDINGS = ("learned", "rope")
+DEFAULT_ROPE_BASE = 10000.0
 
 
 @dataclass
@@ -40,6 +47,10 @@ class GPTConfig:
     # nn.GELU's `approximate`: "none" (exact, nanoGPT) or "tanh" (GPT-2's "gelu_new", which
     # imported GPT-2 weights need to reproduce Hugging Face's logits).
     gelu_approximate: str = "none"
+    # "learned" (nanoGPT's wpe, the default) or "rope" (rotary, no position parameters); the
+    # RoPE frequencies are rope_base ** (-2i / head_size).
+    position_embedding: str = "learned"
+    rope_base: float = DEFAULT_ROPE_BASE
     # Looping (see README "Looping" and blockloop/looping.py for the exact semantics).
     loop_center_idx: int = -1
     loop_radius: int = 0
@@ -95,7 +106,27 @@ class GPTConfig:
                 f"gelu_approximate={self.gelu_approximate!r}: must be one of "
                 f"{', '.join(repr(m) for m in GELU_APPROXIMATIONS)}"
             )
+        self._validate_positions()
         validate_loop_keys(self)
+
+    def _validate_positions(self) -> None:
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding={self.position_embedding!r}: must be one of "
+                f"{', '.join(repr(m) for m in POSITION_EMBEDDINGS)}"
+            )
+        if not (math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"rope_base={self.rope_base}: must be a finite number > 1")
+        if self.position_embedding == "learned" and self.rope_base != DEFAULT_ROPE_BASE:
+            raise ValueError(
+                f"rope_base={self.rope_base} is only used with position_embedding='rope'; "
+                f"drop it or set position_embedding='rope'"
+            )
+        if self.position_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"position_embedding='rope' rotates channel pairs: the head size n_embd/n_head="
+                f"{self.n_embd // self.n_head} must be even"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +134,7 @@ class GPTConfig:
 
 ARCHITECTURE_KEYS = (
     "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias",
-    "gelu_approximate",
+    "gelu_approximate", "position_embedding", "rope_base",
 )
 # Keys that change how the stack is iterated, not its weights: they may be switched on when
 # loading pretrained weights.
@@ -144,8 +175,65 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RotaryEmbedding:
+    """Rotary position embedding (RoPE): Su et al. 2021, "RoFormer: Enhanced Transformer with
+    Rotary Position Embedding", arXiv:2104.09864.
+
+    Channel pair (i, i + d/2) of a head of size d, at position p, is rotated by the angle
+    p * theta_i, theta_i = base ** (-2i / d), i = 0 .. d/2 - 1. This is the GPT-NeoX / LLaMA
+    layout; RoFormer pairs adjacent channels (2i, 2i + 1), which is the same map up to a fixed
+    permutation of a head's channels (absorbed by the learned q/k projections). Then
+    rot(q, p) . rot(k, p') depends on p - p' only.
+
+    Angles are computed in float64 and rounded once to the tensors' dtype, so a key rotated at
+    position 10_000 is as precise as one at position 0 (a float32 product p * theta would lose
+    about p * 1e-7 radians). Positions 0 .. table_size-1 come from a table built once per
+    (device, dtype); later ones (generation past block_size) are computed on demand. Holds no
+    parameters and no buffers: nothing of it is in a state dict.
+    """
+
+    def __init__(self, head_size: int, base: float, table_size: int):
+        self.head_size, self.base, self.table_size = head_size, float(base), table_size
+        self._tables = {}
+        self._recent = None  # ((start, length, device, dtype), (cos, sin)) beyond the table
+
+    def _angles(self, start: int, length: int, device, dtype):
+        # float64 is unavailable on some backends (MPS): those get the angles from the CPU.
+        where = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+        half = torch.arange(0, self.head_size, 2, dtype=torch.float64, device=where)
+        theta = self.base ** (-half / self.head_size)
+        pos = torch.arange(start, start + length, dtype=torch.float64, device=where)
+        angles = pos[:, None] * theta[None, :]
+        return (angles.cos().to(device=device, dtype=dtype),
+                angles.sin().to(device=device, dtype=dtype))
+
+    def cos_sin(self, start: int, length: int, device, dtype):
+        """cos and sin of the angles of positions start .. start+length-1: (length, d/2) each."""
+        if start + length <= self.table_size:
+            key = (device, dtype)
+            if key not in self._tables:
+                self._tables[key] = self._angles(0, self.table_size, device, dtype)
+            cos, sin = self._tables[key]
+            return cos[start: start + length], sin[start: start + length]
+        key = (start, length, device, dtype)
+        # One decoding step asks for the same position in every layer and iteration.
+        if self._recent is None or self._recent[0] != key:
+            self._recent = (key, self._angles(start, length, device, dtype))
+        return self._recent[1]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, start: int):
+        """q, k (B, H, T, d) at positions start .. start+T-1 -> both rotated, same shapes."""
+        cos, sin = self.cos_sin(start, q.shape[2], q.device, q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -153,6 +241,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.rotary = rotary
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
@@ -160,6 +249,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.rotary is not None:
+            # The new tokens' absolute positions: a cache knows how many came before them.
+            q, k = self.rotary(q, k, 0 if kv_cache is None else kv_cache.past_length)
         dropout_p = self.attn_dropout_p if self.training else 0.0
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -183,10 +275,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, rotary)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -200,15 +292,21 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config  # validated when it was constructed
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
+        # One rotary table shared by every attention (RoPE); learned positions are `wpe`.
+        self.rotary = None
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position_embedding == "rope":
+            self.rotary = RotaryEmbedding(config.n_embd // config.n_head, config.rope_base,
+                                          config.block_size)
+        else:
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        # nanoGPT's module order (wte, wpe, drop, h, ln_f): the initialisation draws follow it.
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, self.rotary) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the token embedding is the output projection (nanoGPT, GPT-2).
         self.transformer.wte.weight = self.lm_head.weight
@@ -236,7 +334,7 @@ class GPT(nn.Module):
         """Unique parameters (a looped block counts once). Position embeddings are left out by
         default, as in nanoGPT; the token embedding stays in because it is also the output head."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.rotary is None:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -330,9 +428,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {t} exceeds block_size={self.config.block_size}"
             )
-        past = 0 if kv_caches is None else kv_caches.past_length
-        pos = torch.arange(past, past + t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.embed(idx, 0 if kv_caches is None else kv_caches.past_length)
         blocks = self.transformer.h
         if self.looper is None:
             for i, block in enumerate(blocks):
@@ -359,6 +455,15 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])
             loss = None
         return logits, loss
+
+    def embed(self, idx: torch.Tensor, past: int = 0) -> torch.Tensor:
+        """The residual stream entering block 0 for token ids idx (B, T) at positions past ..
+        past+T-1: drop(wte(idx) + wpe(pos)), or drop(wte(idx)) with RoPE (positions then act in
+        attention) -> (B, T, C)."""
+        if self.rotary is not None:
+            return self.transformer.drop(self.transformer.wte(idx))
+        pos = torch.arange(past, past + idx.shape[1], dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
     def logit_lens(self, x):
         """ln_f and lm_head applied to a residual stream x (B, L, C) -> logits (B, L, V)."""
@@ -402,7 +507,8 @@ class GPT(nn.Module):
                 f"block_size={block_size} is larger than the model's {self.config.block_size}"
             )
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.rotary is None:  # RoPE has no table of positions to cut
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @torch.no_grad()
     def generate(

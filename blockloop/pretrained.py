@@ -49,7 +49,16 @@ _HF_ATTENTION_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
+# Said when RoPE is asked for on weights trained with learned positions (GPT-2, nanoGPT).
+ROPE_ON_TRAINED_WEIGHTS = (
+    "position_embedding: these weights were trained with learned positions (wpe); "
+    "position_embedding='rope' needs a model trained with it from scratch"
+)
+
+
 def _check_loop_overrides(overrides: dict) -> None:
+    if overrides.get("position_embedding", "learned") != "learned":
+        raise ConfigError(ROPE_ON_TRAINED_WEIGHTS)
     unknown = sorted(set(overrides) - set(LOOP_KEYS))
     if unknown:
         raise ConfigError(

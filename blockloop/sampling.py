@@ -12,15 +12,34 @@ Decoding: the prompt is processed in one forward pass (the prefill), then each n
 attending to the cache. With a fixed iteration count this gives the logits of a full forward pass
 over the same context, to float32 rounding.
 
-Context longer than `block_size`: positions are learned absolute embeddings (`wpe` has
-`block_size` rows), so a token's K/V depend on its absolute position and cannot be shifted. When
-the cache is full, it is emptied and the last `refill_keep` tokens (the new one included) are
-prefilled again at positions 0 .. refill_keep-1. The default, `refill_keep = block_size`, is
-exact: every step then conditions on the last `block_size` tokens, as nanoGPT's uncached
-`GPT.generate` does, but past `block_size` each step is a full forward pass (no saving). A smaller
-`refill_keep` (e.g. block_size // 2) re-prefills once every `block_size - refill_keep + 1` tokens
-and is much faster, at the price of conditioning on between `refill_keep` and `block_size` tokens
-instead of always `block_size`.
+Context longer than `block_size`, learned positions (`wpe` has `block_size` rows): a token's K/V
+depend on its absolute position and cannot be shifted. When the cache is full, it is emptied and
+the last `refill_keep` tokens (the new one included) are prefilled again at positions
+0 .. refill_keep-1. The default, `refill_keep = block_size`, is exact: every step then conditions
+on the last `block_size` tokens, as nanoGPT's uncached `GPT.generate` does (recomputing the
+window: `model(idx[:, -block_size:])`), but past `block_size` each step is a full forward pass (no
+saving). A smaller `refill_keep` (e.g. block_size // 2) re-prefills once every
+`block_size - refill_keep + 1` tokens and is much faster, at the price of conditioning on between
+`refill_keep` and `block_size` tokens instead of always `block_size`. A RoPE model re-prefills the
+same way when `refill_keep` is given (exact for `refill_keep = block_size`: rotary attention
+depends on relative positions only, so renumbering the window from 0 changes nothing).
+
+Context longer than `block_size`, rotary positions (`position_embedding="rope"`, `refill_keep`
+None): the cache rolls. Each (block, iteration) buffer is a ring of `block_size` entries; a new
+token past `block_size` overwrites the oldest one. Keys stay rotated at their absolute positions
+and the new query is rotated at its own, so every score sees a distance 0 .. block_size-1, as in
+training. Each step is one cached single-token forward, and the memory stays `block_size` entries
+per (block, iteration). What it computes, exactly: in every block and iteration, each token
+attends to the keys and values of the last `block_size` tokens (itself included) as they were
+computed when each of those tokens was processed, i.e. a full forward pass over the whole sequence
+with a banded causal mask of width `block_size` (sliding-window attention). Cached decoding equals
+that pass to float rounding (tested). It is *not* recomputing the window: there, every window
+token is recomputed seeing the window only, whereas a cached key at block >= 1 or iteration >= 2
+carries what its token saw of tokens that have since left the window. The two coincide on the
+first block's first iteration only (a one-block model without loops rolls to exactly the
+recomputed logits; deeper models differ, by an amount only a trained model can tell). Pass
+`refill_keep=block_size` for the recomputed window. Models with `loop_state_init="noise"` never
+roll: their evaluation noise is indexed by absolute position (< block_size), so they re-prefill.
 
 Per-token adaptive exit (`adaptive_exit=True`, cached decoding only). The prompt prefill, and any
 re-prefill, run the full `num_loops` iterations, except for a model with
@@ -40,10 +59,11 @@ position, the K/V it produced in (block, e). (`LoopKVCache.advance` copies them 
 logits therefore differ from a full forward pass with `loop_exit=True`, whose rule stops whole
 sequences on the mean delta over all their tokens.
 
-The cache's interface is what `GPT.forward` and the loop runner call: `past_length`,
+The cache's interface is what `GPT.forward` and the loop runner call: `past_length` (the
+absolute position of the next token; it passes `block_size` when the cache rolls),
 `get(block_idx, iteration)`, `advance(t)`, and `rows(active)` (the runner's hook: when some rows
 have exited, the remaining iterations run on the active rows only), each layer's
-`extend(k, v) -> (k_all, v_all, mask)`.
+`extend(k, v) -> (k_all, v_all, mask)` and `past_length` (RoPE rotates the new q, k with it).
 """
 
 from __future__ import annotations
@@ -60,7 +80,7 @@ import torch
 from blockloop.checkpoint import find_run_checkpoint, load_model
 from blockloop.errors import DivergedError, SampleError, one_line, run_command
 from blockloop.evaluation import mean_iterations
-from blockloop.looping import check_num_loops
+from blockloop.looping import check_num_loops, is_looped
 from blockloop.model import GPT, check_sampling_options, sample_next_token
 from blockloop.runtime import resolve_device
 from blockloop.tokenizers import (
@@ -91,32 +111,36 @@ class LayerKVCache:
         self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
+    @property
+    def past_length(self) -> int:
+        """The absolute position of the first new token."""
+        return self._owner.past_length
+
     def extend(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
         """Store the new positions' K/V; return (K, V) of all positions and the attention mask.
 
         `k`, `v`: (rows, heads, T, head_dim) for positions past .. past+T-1. The mask is None
         for a single new token (it may attend to every cached position and itself); otherwise a
-        boolean (T, past+T) causal mask where True means "may attend".
+        boolean (T, past+T) causal mask where True means "may attend". A rolling cache that is
+        full returns its `block_size` entries in ring order (attention does not depend on the
+        order of the keys). Raises ValueError when the new positions do not fit
+        (`LoopKVCache.slots`).
         """
         past = self._owner.past_length
         t = k.shape[2]
-        end = past + t
-        if end > self._owner.capacity:
-            raise ValueError(
-                f"KV cache holds {past} positions; {t} more exceed block_size="
-                f"{self._owner.capacity}. Reset the cache and prefill the last tokens again"
-            )
+        slots = self._owner.slots(t)
+        held = min(past + t, self._owner.capacity)
         if self.k is None:
             self._allocate(k)
         if rows is None:
-            self.k[:, :, past:end] = k
-            self.v[:, :, past:end] = v
-            k_all, v_all = self.k[:, :, :end], self.v[:, :, :end]
+            self.k[:, :, slots] = k
+            self.v[:, :, slots] = v
+            k_all, v_all = self.k[:, :, :held], self.v[:, :, :held]
             self.wrote_all = True
         else:
-            self.k[rows, :, past:end] = k
-            self.v[rows, :, past:end] = v
-            k_all, v_all = self.k[rows, :, :end], self.v[rows, :, :end]
+            self.k[rows, :, slots] = k
+            self.v[rows, :, slots] = v
+            k_all, v_all = self.k[rows, :, :held], self.v[rows, :, :held]
             if self.wrote_rows is None:
                 self.wrote_rows = torch.zeros(
                     self._owner.batch_size, dtype=torch.bool, device=k.device
@@ -124,23 +148,23 @@ class LayerKVCache:
             self.wrote_rows[rows] = True
         if t == 1:
             mask = None
-        else:
-            mask = torch.ones(t, end, dtype=torch.bool, device=k.device).tril(diagonal=past)
+        else:  # several new tokens always fit without rolling (`slots`)
+            mask = torch.ones(t, held, dtype=torch.bool, device=k.device).tril(diagonal=past)
         return k_all, v_all, mask
 
-    def _fill_unwritten_from(self, prev: "LayerKVCache", start: int, end: int) -> None:
+    def _fill_unwritten_from(self, prev: "LayerKVCache", slots: slice) -> None:
         """Rows that did not reach this iteration take the K/V of the previous iteration."""
         if self.wrote_all:
             return
         if self.k is None:
             self._allocate(prev.k)
         if self.wrote_rows is None:
-            self.k[:, :, start:end] = prev.k[:, :, start:end]
-            self.v[:, :, start:end] = prev.v[:, :, start:end]
+            self.k[:, :, slots] = prev.k[:, :, slots]
+            self.v[:, :, slots] = prev.v[:, :, slots]
         else:
             missing = (~self.wrote_rows).nonzero().squeeze(1)
-            self.k[missing, :, start:end] = prev.k[missing, :, start:end]
-            self.v[missing, :, start:end] = prev.v[missing, :, start:end]
+            self.k[missing, :, slots] = prev.k[missing, :, slots]
+            self.v[missing, :, slots] = prev.v[missing, :, slots]
 
     def _clear_marks(self) -> None:
         self.wrote_all = False
@@ -153,6 +177,10 @@ class _RowLayer:
     def __init__(self, layer: LayerKVCache, rows: torch.Tensor):
         self._layer = layer
         self._rows = rows
+
+    @property
+    def past_length(self) -> int:
+        return self._layer.past_length
 
     def extend(self, k, v):
         return self._layer.extend(k, v, self._rows)
@@ -169,12 +197,30 @@ class _RowView:
         return _RowLayer(self._cache.get(block_idx, iteration), self._rows)
 
 
-class LoopKVCache:
-    """One K/V buffer per (block, iteration) of a model, for `batch_size` rows."""
+def can_roll(config) -> bool:
+    """Whether a model's cache may roll past block_size (module docstring): rotary positions,
+    and no "noise" state initialisation (its evaluation noise is per absolute position)."""
+    noise_init = is_looped(config) and config.loop_state_init == "noise"
+    return config.position_embedding == "rope" and not noise_init
 
-    def __init__(self, model: GPT, batch_size: int, num_loops=None):
+
+class LoopKVCache:
+    """One K/V buffer per (block, iteration) of a model, for `batch_size` rows.
+
+    `rolling=True` (RoPE models, `can_roll`; ValueError otherwise): past block_size, a single
+    new token overwrites the oldest entry instead of raising (the module docstring says what
+    this computes). Each buffer holds at most block_size positions either way.
+    """
+
+    def __init__(self, model: GPT, batch_size: int, num_loops=None, rolling: bool = False):
         cfg = model.config
         plan = model.loop_plan
+        if rolling and not can_roll(cfg):
+            raise ValueError(
+                "a rolling cache needs position_embedding='rope' (learned positions are "
+                "absolute) and loop_state_init='input' (the noise init is per absolute position)"
+            )
+        self.rolling = rolling
         self.batch_size = batch_size
         self.capacity = cfg.block_size
         # Iterations per block: its group's count (num_loops: None, one int, or one per group).
@@ -209,16 +255,34 @@ class LoopKVCache:
         """This cache restricted to batch rows `rows` (int64 (k,)), for the loop runner."""
         return _RowView(self, rows)
 
+    def slots(self, t: int) -> slice:
+        """The buffer entries of the next `t` positions: past .. past+t-1 while they fit; once a
+        rolling cache is full, the ring slot of its one new token. ValueError otherwise."""
+        past, cap = self.past_length, self.capacity
+        if past + t <= cap:
+            return slice(past, past + t)
+        if self.rolling and t == 1:
+            return slice(past % cap, past % cap + 1)
+        if self.rolling:
+            raise ValueError(
+                f"a rolling KV cache past block_size={cap} takes one new token per forward pass, "
+                f"got {t}"
+            )
+        raise ValueError(
+            f"KV cache holds {past} positions; {t} more exceed block_size={cap}. Reset the cache "
+            f"and prefill the last tokens again"
+        )
+
     def advance(self, t: int) -> None:
         """Close a forward pass over `t` new positions: fill exited rows' later iterations."""
-        start, end = self.past_length, self.past_length + t
+        slots = self.slots(t)
         for b in self.looped_blocks:
             # In increasing iteration order, so a row that stopped at e is copied e -> e+1 -> ...
             for i in range(2, self.iterations_of[b] + 1):
-                self.layers[(b, i)]._fill_unwritten_from(self.layers[(b, i - 1)], start, end)
+                self.layers[(b, i)]._fill_unwritten_from(self.layers[(b, i - 1)], slots)
         for layer in self.layers.values():
             layer._clear_marks()
-        self.past_length = end
+        self.past_length += t
 
     def reset(self) -> None:
         """Forget every position (the buffers are kept and overwritten)."""
@@ -238,7 +302,9 @@ class _Decoder:
         if not 1 <= keep <= cfg.block_size:
             raise ValueError(f"refill_keep={refill_keep}: must be in [1, block_size={cfg.block_size}]")
         self.refill_keep = keep
-        self.cache = LoopKVCache(model, batch_size, num_loops)
+        # RoPE rolls unless a re-prefill window was asked for (module docstring).
+        self.cache = LoopKVCache(model, batch_size, num_loops,
+                                 rolling=refill_keep is None and can_roll(cfg))
         self.num_loops = self.cache.num_loops
         self.adaptive_exit = adaptive_exit
         self.exit_threshold = exit_threshold
@@ -270,7 +336,7 @@ class _Decoder:
 
     def feed(self, context):
         """Process the last token of `context` (all tokens so far); logits for the next one."""
-        if self.cache.past_length >= self.block_size:
+        if self.cache.past_length >= self.block_size and not self.cache.rolling:
             self.cache.reset()
             return self._forward(context[:, -self.refill_keep :], loop_exit=self._prefill_exit,
                                  full=True)
@@ -352,6 +418,10 @@ def generate(
     they sample the same tokens wherever their logits agree. Loops run `num_loops` iterations
     (default: the model's `max_loops`) with the config's automatic exit ignored, unless
     `adaptive_exit` asks for the per-token rule of the module docstring (cache only).
+    Past block_size the cache re-prefills `refill_keep` tokens (default block_size: the
+    recomputed window, exactly), except a RoPE model with `refill_keep=None`, whose cache rolls
+    (sliding-window attention, one cached step per token; see the module docstring). A prompt
+    longer than block_size is cropped to its last block_size tokens first, as nanoGPT does.
 
     stats: `tokens` (logit rows produced, one per new token), `cached_steps` (single-token
     forwards through the cache), `full_forwards` (prefills, re-prefills, or every step without
@@ -509,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--refill_keep", type=int, default=None,
         help="tokens re-prefilled when the context outgrows block_size "
-        "(default: None = block_size, exact; smaller is faster)",
+        "(default: None = block_size, exact; smaller is faster; a RoPE model's cache rolls "
+        "instead unless this is given)",
     )
     return p
 

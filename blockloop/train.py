@@ -60,7 +60,7 @@ from blockloop.looping import (
 )
 from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 from blockloop.monitor import MONITOR_SEQUENCES, loop_monitor
-from blockloop.pretrained import load_pretrained
+from blockloop.pretrained import ROPE_ON_TRAINED_WEIGHTS, load_pretrained
 from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jsonl
 from blockloop.runtime import autocast_context, mix_seed, resolve_device, resolve_dtype
 from blockloop.tasks import heldout_set, task_from_config
@@ -509,6 +509,8 @@ def resume(cfg: TrainConfig, model_overrides: dict, out_dir: Path, device: str, 
 def pretrained_model(cfg: TrainConfig, model_overrides: dict) -> GPT:
     """The model of `cfg.init_from` (a nanoGPT checkpoint or GPT-2), with the looping keys of
     `model_overrides`; any other model key is refused (the architecture is the weights')."""
+    if model_overrides.get("position_embedding", "learned") != "learned":
+        raise ConfigError(ROPE_ON_TRAINED_WEIGHTS)
     fixed = sorted(
         k for k, v in model_overrides.items()
         if k not in LOOP_KEYS and TRAIN_MODEL_DEFAULTS.get(k, object()) != v

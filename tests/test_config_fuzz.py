@@ -123,6 +123,10 @@ SPACE = {
     "dropout": (floats(0, 0.5), st.sampled_from([1.0, 1.5, -0.1, float("nan")]) | NOT_NUMBERS),
     "bias": BOOL,
     "gelu_approximate": (choice("none", "tanh"), bad_choice("none", "tanh")),
+    "position_embedding": (choice("learned", "rope"), bad_choice("learned", "rope")),
+    # Only the default is legal for every draw (another base needs position_embedding="rope").
+    "rope_base": (st.just(10000.0),
+                  st.sampled_from([1.0, 0.5, -3.0, float("nan"), float("inf")]) | NOT_NUMBERS),
     "loop_center_idx": (ints(-1, 2), st.integers(-10**6, -2) | st.sampled_from([1.5]) | NOT_NUMBERS),
     "loop_radius": (ints(0, 1), bad_int(0)),
     "max_loops": (ints(1, 3), st.integers(MAX_LOOPS_LIMIT + 1, 10**18) | bad_int(1)),
@@ -206,6 +210,9 @@ def faults(dataset, values, bad):
 
     rule(lambda: v["min_lr"] > v["learning_rate"], "min_lr", "learning_rate")
     rule(lambda: v["n_embd"] % v["n_head"] != 0, "n_embd", "n_head")
+    # RoPE rotates channel pairs: a head needs an even size.
+    rule(lambda: v["position_embedding"] == "rope" and v["n_embd"] % v["n_head"] == 0
+         and (v["n_embd"] // v["n_head"]) % 2 == 1, "position_embedding", "n_embd", "n_head")
     rule(lambda: v["loop_center_idx"] >= 0 and not (
         0 <= v["loop_center_idx"] - v["loop_radius"] and v["loop_center_idx"] + v["loop_radius"] < v["n_layer"]
     ), "loop_center_idx", "loop_radius", "n_layer")
