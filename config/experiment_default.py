@@ -97,7 +97,7 @@ sections = [
             "learning_rate": 2e-3,
             "min_lr": 2e-4,
             "warmup_iters": 100,
-            "eval_interval": 100,
+            "eval_interval": 200,
             "eval_iters": 4,
         },
         "variants": [
@@ -108,7 +108,7 @@ sections = [
         "cross_model_depth": {"variant": "loop_1x4", "train_loops": [1, 2, 3, 4, 6]},
         "seeds": [1, 2, 3, 4, 5],
         "solve_threshold": 0.95,
-        "budget": {"iters": 1000},
+        "budget": {"iters": 600},
         "evaluation": {"hops": [1, 2, 3, 4]},
     },
 ]
