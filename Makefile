@@ -25,10 +25,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Training and generation benchmarks on this machine (figures in BENCHMARKS.md). Set
-# NANOGPT_DIR to a nanoGPT checkout to time its training step beside ours.
+# NANOGPT_DIR to a nanoGPT checkout to time its training step beside ours (per-step ratio)
+# and to compare the best validation loss of the CPU baby run (2000 iterations each).
+# The GPU check (benchmarks/gpu_check.sh) runs only where a GPU is.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py $(if $(NANOGPT_DIR),--nanogpt_dir $(NANOGPT_DIR)) --json bench_training.json
 	$(PY) benchmarks/bench_generation.py
+	$(if $(NANOGPT_DIR),$(PY) benchmarks/bench_loss_vs_nanogpt.py --nanogpt_dir $(NANOGPT_DIR) --json bench_loss.json)
+	@$(PY) -c "import torch; print('GPU check:', 'run bash benchmarks/gpu_check.sh' if torch.cuda.is_available() else 'no GPU here; see the GPU section of BENCHMARKS.md')"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
