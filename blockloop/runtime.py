@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -75,6 +76,35 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32"
+
+
+def cpu_has_bf16_units() -> bool | None:
+    """Whether this CPU computes bf16 natively (the avx512_bf16 or amx_bf16 flag in
+    /proc/cpuinfo); None where the flags cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", text))
+    return bool(flags)
+
+
+def dtype_reason(dtype: str, device: str) -> str:
+    """Why `resolve_dtype(dtype, device)` chose what it did, for the training log.
+
+    On the CPU "auto" is float32 even where the CPU has bf16 units: bf16 autocast is 2.5-2.8x
+    faster on such a CPU but about 5x slower on one without (BENCHMARKS.md), and its loss
+    parity with float32 on the CPU has not been benchmarked, so it is used only when asked."""
+    if dtype != "auto":
+        return "as set"
+    if device_type(device) == "cuda":
+        return "auto: bf16 where the GPU supports it, else float16"
+    if device_type(device) != "cpu":
+        return "auto: float32"
+    units = cpu_has_bf16_units()
+    has = {True: "has", False: "lacks", None: "may lack"}[units]
+    return (f"auto: float32 on CPU (this CPU {has} bf16 units; --dtype=bfloat16 turns bf16 "
+            f"autocast on, untested for loss parity on CPU)")
 
 
 def autocast_context(device: str, dtype: str):

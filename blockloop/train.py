@@ -62,7 +62,13 @@ from blockloop.model import GPT, LOOP_KEYS, GPTConfig
 from blockloop.monitor import MONITOR_SEQUENCES, loop_monitor
 from blockloop.pretrained import ROPE_ON_TRAINED_WEIGHTS, load_pretrained
 from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jsonl
-from blockloop.runtime import autocast_context, mix_seed, resolve_device, resolve_dtype
+from blockloop.runtime import (
+    autocast_context,
+    dtype_reason,
+    mix_seed,
+    resolve_device,
+    resolve_dtype,
+)
 from blockloop.tasks import heldout_set, task_from_config
 from blockloop.tokenizers import check_same_tokenizer, decoding_meta
 
@@ -613,7 +619,8 @@ def setup(cfg: TrainConfig, model_overrides: dict, log=print) -> Trainer:
         log(
             f"model: {raw_model.get_num_params() / 1e6:.2f}M unique parameters, effective depth "
             f"{raw_model.effective_depth()}, {raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token "
-            f"(training); {t.tokens_per_iter:,} tokens/iteration; device {device}, dtype {dtype}"
+            f"(training); {t.tokens_per_iter:,} tokens/iteration; device {device}, dtype {dtype} "
+            f"({dtype_reason(cfg.dtype, device)})"
         )
     if dist.master and cfg.progress and not cfg.eval_only:
         t.bar = tqdm(total=cfg.max_iters, initial=start.iter_num, desc="train",
