@@ -193,8 +193,10 @@ def rope_window_loss(out_dir: str, quick: bool) -> list[dict]:
         rows.append({
             "benchmark": "rope_window_loss", "model": out_dir, "mode": mode,
             "block_size": block, "sequences": n_seq, "tokens_per_sequence": length,
-            "val_loss_within_block": round(float(ce[:, : block - 1].mean()), 4),
-            "val_loss_past_block": round(float(ce[:, block - 1:].mean()), 4),
+            # Logit row j predicts token j + 1 from j + 1 tokens of context: rows 0 .. block-1
+            # fit in one window, the rest are past it.
+            "val_loss_within_block": round(float(ce[:, :block].mean()), 4),
+            "val_loss_past_block": round(float(ce[:, block:].mean()), 4),
             "seconds": round(seconds, 2), "full_forwards": stats["full_forwards"],
         })
     return rows

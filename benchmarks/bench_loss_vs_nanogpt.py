@@ -5,7 +5,7 @@
 Runs nanoGPT's `train.py` (from a checkout at DIR; not shipped with blockloop) and `blockloop
 train` one after the other with nanoGPT's CPU baby settings (4 layers x 128, context 64, batch
 12, no dropout, no compile) on the same prepared `data/shakespeare_char` (linked into the
-checkout's data folder), and reports each run's best validation loss, its wall time per
+checkout as data/blockloop_shakespeare_char, so its own data is left alone), and reports each run's best validation loss, its wall time per
 iteration and the difference. The two draw different batches (each has its own sampler), so a
 difference of a few thousandths is expected from the data order alone; issue 16 asks for 0.02.
 """
@@ -29,11 +29,15 @@ BABY_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=200", "--eval_int
 NANO_VAL = re.compile(r"step (\d+): train loss ([0-9.]+), val loss ([0-9.]+)")
 
 
+NANO_DATASET = "blockloop_shakespeare_char"  # a folder of its own: the checkout's data stays
+
+
 def link_data(nanogpt_dir: Path, data_dir: Path) -> None:
-    """Make nanoGPT read blockloop's prepared Tiny Shakespeare: train.bin and val.bin linked,
-    and the meta.pkl nanoGPT reads its vocabulary size from (without it nanoGPT would build a
-    50304-entry embedding). The pickle is written here, for nanoGPT; blockloop never reads one."""
-    target = nanogpt_dir / "data" / "shakespeare_char"
+    """Make nanoGPT read blockloop's prepared Tiny Shakespeare from data/NANO_DATASET of the
+    checkout: train.bin and val.bin linked, and the meta.pkl nanoGPT reads its vocabulary size
+    from (without it nanoGPT would build a 50304-entry embedding). The pickle is written here,
+    for nanoGPT; blockloop never reads one."""
+    target = nanogpt_dir / "data" / NANO_DATASET
     target.mkdir(parents=True, exist_ok=True)
     for name in ("train.bin", "val.bin"):
         link = target / name
@@ -48,6 +52,7 @@ def link_data(nanogpt_dir: Path, data_dir: Path) -> None:
 def run_nanogpt(nanogpt_dir: Path, iters: int, out_dir: Path) -> dict:
     """nanoGPT's best val loss and the run's wall time."""
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *BABY_FLAGS,
+           f"--dataset={NANO_DATASET}",
            f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--out_dir={out_dir}",
            "--always_save_checkpoint=False"]
     t0 = time.time()

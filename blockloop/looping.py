@@ -367,6 +367,12 @@ def _validate_schedule(config) -> None:
             f"loop_schedule_fraction={fraction}: must be in (0, 1], the fraction of max_iters "
             f"the schedule takes (e.g. 0.5)"
         )
+    if config.loop_schedule == "progressive" and fraction == 1:
+        raise ValueError(
+            "loop_schedule='progressive' with loop_schedule_fraction=1 would switch to the full "
+            "count after the last step, so the model would never train at it: use a fraction "
+            "below 1 (e.g. 0.5)"
+        )
     if config.loop_schedule != "constant" and not group_ranges(config):
         raise ValueError(
             f"loop_schedule={config.loop_schedule!r} schedules the iteration count of a loop, "

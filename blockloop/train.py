@@ -540,7 +540,12 @@ def build_optimizer(cfg: TrainConfig, start: Start, device: str, dtype: str):
     checkpoint = start.checkpoint
     if checkpoint is not None:
         try:
+            # load_state_dict also restores each group's "fused"/"foreach" choice from the
+            # checkpoint; the update kernel is this machine's business, so it is set again.
+            kernel = {k: optimizer.param_groups[0].get(k) for k in ("fused", "foreach")}
             optimizer.load_state_dict(checkpoint["optimizer"])
+            for group in optimizer.param_groups:
+                group.update(kernel)
             if "scaler" in checkpoint and checkpoint["scaler"]:
                 scaler.load_state_dict(checkpoint["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:

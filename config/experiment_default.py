@@ -17,9 +17,11 @@ Every run of a seed sees the same training batches, so comparisons are paired by
   1.900, 1.912 and plain 3 layers 1.896, 1.874, 1.898; the baby size at 1200 iterations,
   seeds 1-2: plain 2 layers 2.043, 2.051 and plain 4 layers 2.052, 2.039 (at learning rate
   2.5e-3 the 2-layer model was ahead: 1.895, 1.894 against 1.921, 1.904); context 256 at 800
-  iterations: 1 and 2 layers tied. At the baby size and 2000 iterations 4 layers beat 2 by
-  about 0.02 with a seed spread of about 0.005 (issue 15's measurement on another machine of the
-  same kind), the cheapest setting known to have a gap. Further variants did not fit;
+  iterations: 1 and 2 layers tied. At the baby size and 2000 iterations issue 15 measured 4
+  layers beating 2 by about 0.02 (seed spread about 0.005) on another machine of the same kind;
+  this section is that setting, the most promising one known, but in its run on the
+  development machine (docs/results/report.md) the two did not differ significantly either
+  (-0.0016 [-0.0200, 0.0167]). Further variants did not fit;
   config/experiment_schedules.py and config/experiment_groups.py compare more.
 - **phop**: p-hop induction (tasks.py), where depth decides whether the task is solvable at
   all: plain 1 and 4 layers and one block looped to depth 4, five seeds, reported as solve rates

@@ -14,8 +14,10 @@ The p-hop settings are those of the `phop` section of config/experiment_default.
 tokens over 4 symbols, trained at p = 1 hop), where depth decides whether the task is solvable.
 Plain references are off: the protocol compares the looped models with each other, and the
 default experiment already places `loop_1x4` between its plain references. 15 runs of 2000
-iterations; not timed on the development machine (expect roughly the default experiment's p-hop
-runs, longer for the deeper counts).
+iterations; not run in full. The default experiment runs the same protocol for 600 iterations
+(13 to 62 s per run there), so expect about 3.3 times those times per run here. With a
+`{"flops": F}` budget each trained count would get its own number of iterations; this file
+compares at equal iterations (equal training data).
 """
 
 name = "depth"

@@ -3,7 +3,7 @@
 # config/train_shakespeare_char.py, so the two runs compare the position encodings alone.
 #   blockloop train config/train_shakespeare_char_rope.py
 # RoPE has no position parameters (the model is 256 x 384 = 98k parameters smaller), and its
-# generation cache rolls past block_size (README "Generation past block_size").
+# generation cache rolls past block_size (README "Sampling: the KV cache and generation past block_size").
 base_config = "train_shakespeare_char.py"
 
 out_dir = "out-shakespeare-char-rope"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from blockloop.experiment import load_results, main
+from blockloop.experiment import RESULTS_FILE, load_results, main
 from blockloop.experiment.comparisons import (
     compare,
     section_pairs,
     section_values,
-    seeds_to_add,
+    wide_pairs,
 )
 from blockloop.experiment.report import (
     SectionData,
@@ -79,10 +79,16 @@ def test_seeds_are_added_only_to_wide_comparisons():
     narrow = compare("y", values["y"], "x", values["x"], True)
     wide = compare("z", values["z"], "x", values["x"], True)
     width = (narrow["high"] - narrow["low"] + wide["high"] - wide["low"]) / 2
-    assert seeds_to_add(pairs, values, width) == {"z", "x"}
-    assert seeds_to_add(pairs, values, 10.0) == set()
+    planned = {name: [1, 2, 3] for name in values}
+    assert wide_pairs(pairs, values, planned, width) == [("z", "x")]
+    assert wide_pairs(pairs, values, planned, 10.0) == []
     # One seed: no interval at all, so more seeds are needed whatever the target.
-    assert seeds_to_add([("y", "x")], {"x": {1: 1.0}, "y": {1: 1.2}}, 10.0) == {"x", "y"}
+    one = {"x": {1: 1.0}, "y": {1: 1.2}}
+    assert wide_pairs([("y", "x")], one, {"x": [1], "y": [1]}, 10.0) == [("y", "x")]
+    # A run that failed (no value) or diverged (non-finite) cannot be mended by more seeds.
+    assert wide_pairs([("y", "x")], one, {"x": [1], "y": [1, 2]}, 10.0) == []
+    assert wide_pairs([("y", "x")], {"x": {1: 1.0}, "y": {1: float("nan")}},
+                      {"x": [1], "y": [1]}, 10.0) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,18 +189,26 @@ def adaptive_file(tmp_path, width: float):
 def test_adaptive_seeding_adds_seeds_until_the_run_budget_is_spent(tmp_path):
     out = tmp_path / "out"
     assert main([str(adaptive_file(tmp_path, 1e-12)), "--out", str(out), "--jobs", "2"]) == 0
-    # Round 1 adds seed 3 to both variants (2 runs), round 2 seed 4 to the first (max_runs 3).
-    assert set(load_results(out)) == {"main/plain_L1-s1", "main/plain_L1-s2", "main/plain_L1-s3",
-                                      "main/plain_L1-s4", "main/plain_L2-s1", "main/plain_L2-s2",
-                                      "main/plain_L2-s3"}
+    # Round 1 adds seed 3 to both variants (2 runs); a second pair of runs would pass max_runs
+    # (3), and a pair is only ever extended whole.
+    expected = {f"main/plain_L{n}-s{s}" for n in (1, 2) for s in (1, 2, 3)}
+    assert set(load_results(out)) == expected
     plan = json.loads((out / "experiment.json").read_text())
     seeds = {v["name"]: v["seeds"] for v in plan["sections"][0]["variants"]}
-    assert seeds == {"plain_L1": [1, 2, 3, 4], "plain_L2": [1, 2, 3]}
+    assert seeds == {"plain_L1": [1, 2, 3], "plain_L2": [1, 2, 3]}
+    assert plan["runs_total"] == 6
     text = (out / "report" / "report.md").read_text()
-    assert "Adaptive seeding" in text and "`plain_L1` [3, 4]" in text
+    assert "Adaptive seeding" in text and "`plain_L1` [3]" in text
     # Rerunning reuses every run: the same decisions are made from the same results.
+    lines = len((out / RESULTS_FILE).read_text().splitlines())
     assert main([str(adaptive_file(tmp_path, 1e-12)), "--out", str(out), "--jobs", "2"]) == 0
-    assert len(load_results(out)) == 7
+    assert len((out / RESULTS_FILE).read_text().splitlines()) == lines
+    # --force reruns every run once, adaptive rounds included, and adopts nothing.
+    assert main([str(adaptive_file(tmp_path, 1e-12)), "--out", str(out), "--jobs", "2",
+                 "--force"]) == 0
+    records = [json.loads(x) for x in (out / RESULTS_FILE).read_text().splitlines()]
+    assert len(records) == 2 * lines
+    assert sorted(r["run_id"] for r in records[lines:]) == sorted(expected)
 
 
 def test_adaptive_seeding_adds_nothing_when_intervals_are_narrow_enough(tmp_path):

@@ -218,6 +218,9 @@ def faults(dataset, values, bad):
     ), "loop_center_idx", "loop_radius", "n_layer")
     rule(lambda: v["concatenate_initial_representation"] and v["loop_input_injection"] == "add",
          "concatenate_initial_representation", "loop_input_injection")
+    # Progressive looping switching at the very end would never train at the full count.
+    rule(lambda: v["loop_schedule"] == "progressive" and v["loop_schedule_fraction"] == 1,
+         "loop_schedule", "loop_schedule_fraction")
     # A loop schedule needs a loop (the drawn configurations loop through loop_center_idx only).
     rule(lambda: v["loop_schedule"] != "constant" and v["loop_center_idx"] < 0,
          "loop_schedule", "loop_center_idx")

@@ -3,17 +3,18 @@
 import copy
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from blockloop.checkpoint import load_checkpoint
-from blockloop.config import ConfigError, parse_train_args
+from blockloop.config import ConfigError, TrainConfig, parse_train_args
 from blockloop.model import GPT, GPTConfig
 from blockloop.pretrained import from_nanogpt_checkpoint
 from blockloop.records import code_identity
 from blockloop.runtime import mix_seed
-from blockloop.train import get_lr, setup, train_step
+from blockloop.train import build_optimizer, get_lr, setup, train_step
 from tests import reference
 from tests.conftest import read_metrics, run, tiny_args, write_token_dataset
 
@@ -181,3 +182,20 @@ def test_config_and_metrics_record_the_code_identity(tmp_path):
     # A fresh run replacing the old one (overwrite_out_dir) starts a new log with its own header.
     run(tiny_args(data, out, "--max_iters=1", "--overwrite_out_dir=True"))
     assert [r["kind"] for r in read_metrics(out)] == ["header", "eval", "train", "eval"]
+
+
+def test_resume_keeps_this_machines_adamw_kernel():
+    # A checkpoint saved before the CPU update was fused stores fused=None in its groups;
+    # load_state_dict would bring that back, so build_optimizer sets the kernel again.
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    params = list(model.parameters())
+    old = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2]},
+                             {"params": [p for p in params if p.dim() < 2]}], lr=1e-3)
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    old.step()
+    state = old.state_dict()
+    assert state["param_groups"][0]["fused"] is None
+    start = SimpleNamespace(model=model, checkpoint={"optimizer": state}, source="old.pt")
+    optimizer, _ = build_optimizer(TrainConfig(), start, "cpu", "float32")
+    assert all(g["fused"] is True for g in optimizer.param_groups)
+    assert len(optimizer.state) == len(state["state"])

@@ -12,7 +12,7 @@ compares (`section_pairs`):
 - in a section without looped variants, every variant against the first.
 
 The report states in prose only the comparisons marked significant here, and the runner's
-adaptive seeding (`seeds_to_add`) adds seeds to the comparisons whose interval is still wider
+adaptive seeding (`wide_pairs`) adds seeds to the comparisons whose interval is still wider
 than the experiment file asks. The statistics are `blockloop.stats`; this module only decides
 what is compared with what.
 """
@@ -80,7 +80,7 @@ def section_values(sec_info: dict, plan_runs: list, records: dict) -> dict:
 def paired_values(a: dict, b: dict) -> tuple[list, list, list]:
     """(seeds, values of a, values of b) over the seeds where both have a finite value; a and b
     map seed -> value (None for a run without one)."""
-    seeds = sorted(s for s in a if s in b and _finite(a[s]) and _finite(b[s]))
+    seeds = sorted(s for s in a if s in b and is_finite(a[s]) and is_finite(b[s]))
     return seeds, [a[s] for s in seeds], [b[s] for s in seeds]
 
 
@@ -112,16 +112,21 @@ def interval_width(comparison: dict) -> float:
     return comparison["high"] - comparison["low"]
 
 
-def seeds_to_add(pairs: list, values: dict, target_width: float) -> set:
-    """Names of the variants that need another seed: those in a comparison whose interval is
-    wider than `target_width`. `values` maps variant name -> {seed: value}."""
-    names = set()
+def wide_pairs(pairs: list, values: dict, planned: dict, target_width: float) -> list:
+    """The pairs of `pairs` whose 95% interval is wider than `target_width`, where more seeds
+    can help: a pair with a run that has no finite value (failed or diverged) is left out, since
+    further seeds of a failing variant would only spend the budget. `values` maps variant ->
+    {seed: value}; `planned` variant -> the seeds it was run with."""
+    out = []
     for a, b in pairs:
+        complete = all(sum(is_finite(values.get(n, {}).get(s)) for s in planned.get(n, []))
+                       == len(planned.get(n, [])) for n in (a, b))
         comparison = compare(a, values.get(a, {}), b, values.get(b, {}), higher_is_better=True)
-        if interval_width(comparison) > target_width:
-            names.update((a, b))
-    return names
+        if complete and interval_width(comparison) > target_width:
+            out.append((a, b))
+    return out
 
 
-def _finite(x) -> bool:
+def is_finite(x) -> bool:
+    """Whether x is a real number (not None, not a bool) and finite."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -33,11 +33,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
+from blockloop.experiment.comparisons import CONFIDENCE
 from blockloop.experiment.comparisons import compare as paired_comparison
 from blockloop.experiment.files import safe_name
 from blockloop.stats import mean_interval
 
-CONFIDENCE = 0.95
 FIG_DPI = 110  # as the rest of the report
 OUTCOMES = ("beats", "ties", "loses", "undetermined")
 

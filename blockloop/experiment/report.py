@@ -24,6 +24,7 @@ the Agg canvas, so importing this module never changes the caller's matplotlib b
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -35,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from blockloop import stats
-from blockloop.experiment.comparisons import compare, section_pairs, summary_value
+from blockloop.experiment.comparisons import compare, is_finite, section_pairs, summary_value
 from blockloop.experiment.depth_protocol import section_markdown as depth_protocol_markdown
 from blockloop.experiment.files import (
     PLAN_FILE,
@@ -143,11 +144,15 @@ class SectionData:
         """seed -> summary value of variant `name`'s successful runs."""
         return {r["seed"]: self.summary_value(r) for r in self.by_variant.get(name, [])}
 
-    def comparisons(self) -> list:
-        """The section's seed-paired comparisons (`comparisons.section_pairs`), each the dict of
-        `comparisons.compare`."""
+    @functools.cached_property
+    def _comparisons(self) -> list:
         return [compare(a, self.values(a), b, self.values(b), higher_is_better=self.is_task)
                 for a, b in section_pairs(self.variants)]
+
+    def comparisons(self) -> list:
+        """The section's seed-paired comparisons (`comparisons.section_pairs`), each the dict of
+        `comparisons.compare`; computed once (the sign-flip test is a permutation test)."""
+        return self._comparisons
 
     def comparison(self, a: str, b: str) -> dict | None:
         """The comparison of a with b (either order), or None if the section does not make it."""
@@ -228,8 +233,8 @@ def _median_cell(values, fmt: str = "{:.3f}") -> str:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return "—"
-    r = stats.solve_rate(vals, 0.0)
-    return f"{fmt.format(r['median'])} ({fmt.format(r['min'])}–{fmt.format(r['max'])})"
+    return (f"{fmt.format(float(np.median(vals)))} "
+            f"({fmt.format(min(vals))}–{fmt.format(max(vals))})")
 
 
 def _si(x: float | None) -> str:
@@ -327,7 +332,7 @@ def gap_fractions(sec: SectionData, v: dict) -> tuple[list, dict] | None:
     if not (p_vals and d_vals and v_vals):
         return None
     seeds = [s for s in sorted(v_vals)
-             if all(_finite(x.get(s)) for x in (p_vals, d_vals, v_vals))]
+             if all(is_finite(x.get(s)) for x in (p_vals, d_vals, v_vals))]
     fractions = [(s, (v_vals[s] - p_vals[s]) / (d_vals[s] - p_vals[s])) for s in seeds
                  if abs(d_vals[s] - p_vals[s]) > 1e-12]
     refs_compared = sec.comparison(refs["depth"], refs["param"])
@@ -345,10 +350,6 @@ def gap_fractions(sec: SectionData, v: dict) -> tuple[list, dict] | None:
         "unreliable": refs_compared is None or not refs_compared["significant"],
     }
     return fractions, details
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _equivalence_unreliable(sec: SectionData) -> list:
@@ -396,6 +397,9 @@ def _equivalence_table(sec: SectionData) -> list:
                  "there is no gap for looping to close and the fractions are noise."]
     head = (f"| looped variant | parameter-matched ({what}) | depth-matched ({what}) | "
             f"looped ({what}) | fraction of gap closed [95% bootstrap interval] | note |")
+    rows += ["", "The bootstrap resamples the seeds jointly; with 3 to 5 seeds it cannot see "
+             "variation the seeds did not show, so its interval is narrower than it should be: "
+             "read it with the seeds' spread in the figure."]
     return [head, "|---|---|---|---|---|---|"] + rows
 
 
@@ -435,11 +439,13 @@ def _findings(sec: SectionData) -> list:
         if not c["winner"]:
             continue
         loser = c["b"] if c["winner"] == c["a"] else c["a"]
-        size = abs(c["mean_diff"])
-        low, high = sorted((abs(c["low"]), abs(c["high"])))
-        lines.append(f"- `{c['winner']}` beats `{loser}` by {size:.3g} {units} (95% interval "
-                     f"{low:.3g} to {high:.3g}, {c['n']} seeds paired, paired t-test p = "
-                     f"{_p_cell(c['p_value'])}).")
+        fmt = "{:.3f}" if sec.is_task else "{:.4f}"
+        size = fmt.format(abs(c["mean_diff"]))
+        low, high = (fmt.format(x) for x in sorted((abs(c["low"]), abs(c["high"]))))
+        p = _p_cell(c["p_value"])
+        lines.append(f"- `{c['winner']}` beats `{loser}` by {size} {units} (95% interval "
+                     f"{low} to {high}, {c['n']} seeds paired, paired t-test "
+                     f"p {p if p.startswith('<') else '= ' + p}).")
     if not lines:
         return ["No difference between the compared variants is significant at 95% with these "
                 "seeds; the table above lists them with their intervals."]
@@ -839,11 +845,12 @@ def fig_equivalence(sec: SectionData, path: Path) -> str | None:
             "0 = no better than the parameter-matched model (same unique blocks, no loop), "
             "1 = as good as the depth-matched model (as many unique blocks as the looped model's "
             "effective depth). Dots are seeds (each against the references of the same seed), the "
-            "diamond their mean, the line the range over seeds. Outside [0, 1] (shaded) the looped "
+            "diamond the estimate of the table below (ratio of the seed means), the line the range "
+            "over seeds. Outside [0, 1] (shaded) the looped "
             "model is worse than its parameter-matched or better than its depth-matched reference; "
             f"values beyond [{lo:g}, {hi:g}] are drawn as arrows at the edge. Where the two "
-            "references differ by less than twice their seed spread there is no real gap to close: "
-            "the fraction is noise, and the row is faded and marked.")
+            "references do not differ significantly (paired by seed) there is no measured gap to "
+            "close: the fraction is noise, and the row is faded and marked.")
 
 
 def _in_window(x: float) -> tuple[float, str, bool]:
@@ -865,15 +872,19 @@ def _equivalence_row(ax, i: int, color, fs: list, d: dict) -> None:
     for f in fs:
         x, marker, _ = _in_window(f)
         ax.scatter([x], [i], color=color, alpha=0.6 * alpha, s=30, marker=marker, zorder=3)
-    mean = float(np.mean(fs))
+    closed = d.get("closed") or {}
+    # The diamond is the table's estimate (ratio of the seed means), not the mean of the
+    # per-seed ratios, which a seed with nearly tied references can throw anywhere.
+    mean = closed.get("estimate")
+    mean = float(np.mean(fs)) if mean is None else mean
     xm, _, clipped = _in_window(mean)
     left, right = _in_window(min(fs))[0], _in_window(max(fs))[0]
     ax.plot([left, right], [i, i], color=color, alpha=alpha, linewidth=1.5, zorder=2)
     ax.plot([xm], [i], marker="D", color=color, markeredgecolor="black", markersize=8,
             alpha=alpha, linestyle="none", zorder=4)
-    note = f"mean {mean:.2f}" if clipped else ""
+    note = f"estimate {mean:.2f}" if clipped else ""
     if d["unreliable"]:
-        note = (note + ", " if note else "") + "references within seed noise"
+        note = (note + ", " if note else "") + "references do not differ significantly"
     if note:
         ax.annotate(note, (xm, i), textcoords="offset points", xytext=(0, 9),
                     ha="right" if xm > (lo + hi) / 2 else "left", fontsize=7, color="0.25")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockloop.experiment.child import CHILD_BOOT
-from blockloop.experiment.comparisons import section_pairs, section_values, seeds_to_add
+from blockloop.experiment.comparisons import section_pairs, section_values, wide_pairs
 from blockloop.experiment.files import (
     PLAN_FILE,
     RESULTS_FILE,
@@ -72,7 +72,7 @@ def run_experiment(
     ran = set()  # run ids started by this invocation (with `force`, the only reusable ones)
     while True:
         runs, info = plan_experiment(exp, out_dir, threads, extra_seeds)
-        interrupted = _run_round(exp, out_dir, runs, info, previous, keep_other_code,
+        interrupted = _run_round(exp, out_dir, runs, info, previous, (keep_other_code, force),
                                  (jobs, threads, cpus, started_at), totals, ran, log,
                                  status_interval)
         previous = {k: v for k, v in load_results(out_dir).items() if not force or k in ran}
@@ -80,7 +80,8 @@ def run_experiment(
             break
     wall = time.time() - started_at
     info.update(wall_time_s=wall, finished=not interrupted, runs_ok_now=totals["ok"],
-                runs_failed_now=totals["failed"])
+                runs_failed_now=totals["failed"], runs_total=len(runs),
+                runs_skipped=totals["skipped"], runs_to_do=totals["ok"] + totals["failed"])
     atomic_write_json(out_dir / PLAN_FILE, info, indent=1)
     report_path = None
     if not interrupted:
@@ -91,15 +92,18 @@ def run_experiment(
     return {**totals, "interrupted": interrupted, "wall_time_s": wall, "report": report_path}
 
 
-def _run_round(exp, out_dir: Path, runs: list, info: dict, previous: dict,
-               keep_other_code: bool, machine: tuple, totals: dict, ran: set, log,
-               status_interval: float) -> bool:
+def _run_round(exp, out_dir: Path, runs: list, info: dict, previous: dict, reuse: tuple,
+               machine: tuple, totals: dict, ran: set, log, status_interval: float) -> bool:
     """Run the runs of one plan that are not done yet; returns whether it was interrupted.
-    `machine` is (jobs, threads per run, CPUs, start time); `totals` (counts) and `ran` (run
-    ids started) are updated in place."""
+    `reuse` is (keep_other_code, force); `machine` (jobs, threads per run, CPUs, start time);
+    `totals` (counts) and `ran` (run ids started or recorded by this invocation) are updated in
+    place."""
     jobs, threads, cpus, started_at = machine
+    keep_other_code, force = reuse
     todo, failed_at_plan, skipped = _triage(runs, previous, exp.name, out_dir, keep_other_code,
-                                            log)
+                                            log, adopt=not force, adopted=ran)
+    # A planned failure is recorded once per invocation, not again in every adaptive round.
+    failed_at_plan = [p for p in failed_at_plan if p.run_id not in ran]
     n = len(todo) + len(failed_at_plan)
     info.update(
         out_dir=str(out_dir), jobs=jobs, threads_per_run=threads, cpus=cpus,
@@ -127,33 +131,44 @@ def _run_round(exp, out_dir: Path, runs: list, info: dict, previous: dict,
 
 
 def _more_seeds(exp: Experiment, info: dict, records: dict, extra_seeds: dict, log) -> bool:
-    """Adaptive seeding: add the next seed to every variant of a comparison whose 95% interval
-    is wider than its section's `adaptive_seeds.target_width`, within `max_seeds` per variant
-    and `max_runs` added runs per section. Updates `extra_seeds` (section -> variant -> seeds);
-    returns whether anything was added."""
+    """Adaptive seeding: one more seed, the same for all, to both variants of every comparison
+    whose 95% interval is wider than its section's `adaptive_seeds.target_width`
+    (`comparisons.wide_pairs`), within `max_seeds` per variant and `max_runs` added runs per
+    section; a pair is extended only whole, so every added run has its partner. Updates
+    `extra_seeds` (section -> variant -> seeds); returns whether anything was added."""
     added = False
     for section, sec_info in zip(exp.sections, info["sections"]):
         rule = section.adaptive_seeds
         if rule is None:
             continue
-        values = section_values(sec_info, info["runs"], records)
-        wide = seeds_to_add(section_pairs(sec_info["variants"]), values, rule["target_width"])
         extra = extra_seeds.setdefault(section.name, {})
+        planned = {v["name"]: v["seeds"] for v in sec_info["variants"]}
+        values = section_values(sec_info, info["runs"], records)
         spent = sum(len(s) for s in extra.values())
-        for name in sorted(wide):
-            seeds = section.seeds + extra.get(name, [])
-            if len(seeds) >= rule["max_seeds"] or spent >= rule["max_runs"]:
-                continue
-            extra.setdefault(name, []).append(max(seeds) + 1)
-            spent, added = spent + 1, True
-            log(f"adaptive seeding: {section.name}/{name} gets seed {max(seeds) + 1} (a "
-                f"comparison's 95% interval is wider than {rule['target_width']:g})")
+        chosen = []
+        for pair in wide_pairs(section_pairs(sec_info["variants"]), values, planned,
+                               rule["target_width"]):
+            new = [n for n in pair if n not in chosen]
+            if (spent + len(chosen) + len(new) <= rule["max_runs"]
+                    and all(len(planned[n]) < rule["max_seeds"] for n in new)):
+                chosen += new
+        if not chosen:
+            continue
+        seed = max(s for seeds in planned.values() for s in seeds) + 1
+        for name in chosen:
+            extra.setdefault(name, []).append(seed)
+        added = True
+        log(f"adaptive seeding: {section.name}: seed {seed} for {', '.join(chosen)} (their "
+            f"comparisons' 95% intervals are wider than {rule['target_width']:g})")
     return added
 
 
 def _triage(runs: list, previous: dict, experiment_name: str, out_dir: Path,
-            keep_other_code: bool, log) -> tuple[list, list, int]:
-    """(runs to start, runs that failed at planning, number of runs already done)."""
+            keep_other_code: bool, log, adopt: bool = True,
+            adopted: set | None = None) -> tuple[list, list, int]:
+    """(runs to start, runs that failed at planning, number of runs already done). With `adopt`
+    a run that finished without being recorded is recorded from its result.json (its id added
+    to `adopted`); `--force` turns that off, so that it reruns every run."""
     todo, failed_at_plan, skipped, other_code = [], [], 0, 0
     for plan in runs:
         rec = previous.get(plan.run_id)
@@ -165,10 +180,12 @@ def _triage(runs: list, previous: dict, experiment_name: str, out_dir: Path,
         if plan.error is not None:
             failed_at_plan.append(plan)
             continue
-        adopted = _adopt_finished(plan, experiment_name, keep_other_code)
-        if adopted is not None:
+        found = _adopt_finished(plan, experiment_name, keep_other_code) if adopt else None
+        if found is not None:
             # The run finished but the experiment was stopped before recording it.
-            _record(out_dir, adopted)
+            _record(out_dir, found)
+            if adopted is not None:
+                adopted.add(plan.run_id)
             skipped += 1
         else:
             todo.append(plan)

@@ -88,7 +88,7 @@ DEFAULT_SOLVE_THRESHOLD = 0.95
 ADAPTIVE_KEYS = {
     "target_width": "the widest acceptable 95% interval of a paired difference, in the "
                     "section metric's units (a number > 0)",
-    "max_seeds": "the most seeds any variant gets (an integer >= the number of seeds)",
+    "max_seeds": "the most seeds any variant gets (an integer >= 2 and >= the number of seeds)",
     "max_runs": "the most runs adaptive seeding may add to the section (an integer >= 0)",
 }
 
@@ -270,7 +270,8 @@ def _check_adaptive(where: str, adaptive, n_seeds: int) -> dict | None:
                               f"(in the section metric's units), got {width!r}")
     if not _is_int(max_seeds, max(n_seeds, 2)):
         raise ExperimentError(f"{where}: adaptive_seeds 'max_seeds' must be an integer >= "
-                              f"{max(n_seeds, 2)} (the section's seeds), got {max_seeds!r}")
+                              f"{max(n_seeds, 2)} (at least 2, and at least the section's {n_seeds} seeds), "
+                              f"got {max_seeds!r}")
     if not _is_int(max_runs, 0):
         raise ExperimentError(f"{where}: adaptive_seeds 'max_runs' must be an integer >= 0, "
                               f"got {max_runs!r}")
