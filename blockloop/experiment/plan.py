@@ -264,11 +264,13 @@ def _cost_per_iter(cfg: TrainConfig, model_overrides: dict):
 
 
 def _iters_for_flops(budget: float, per_iter) -> int:
-    """The number of iterations whose expected training FLOPs come nearest `budget`.
+    """A number of iterations whose expected training FLOPs come close to `budget`: the best of
+    up to 20 fixed-point steps n <- budget / per_iter(n) (not an exhaustive search).
 
     The cost of an iteration depends on the run's length only through the loop schedule (its
-    switch and ramp steps scale with it), so a few fixed-point steps n <- budget / per_iter(n)
-    settle it (at once for a constant schedule); the best iterate is kept."""
+    switch and ramp steps scale with it), so the steps settle quickly (at once for a constant
+    schedule); the shipped schedules experiment plans within 0.01% of its budget (tested to
+    1%)."""
     tried, n = {}, 1
     while n not in tried and len(tried) < 20:
         tried[n] = per_iter(n)
