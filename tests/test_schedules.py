@@ -50,7 +50,7 @@ def test_constant_schedule_is_the_trained_counts_at_every_step():
 @pytest.mark.parametrize("fraction,max_iters,switch", [
     (0.5, 10, 5), (0.3, 10, 3),  # 0.3 is 3/10, not the binary float just below it
     (0.25, 10, 3),  # 2.5 rounded half up
-    (0.24, 10, 2), (1.0, 4, 4), (0.01, 10, 0),
+    (0.24, 10, 2), (0.9, 4, 4), (0.01, 10, 0),  # 3.6 rounds to 4: no step at T
 ])
 def test_progressive_runs_one_iteration_until_the_switch_step(fraction, max_iters, switch):
     cfg = config("progressive", fraction)
