@@ -235,7 +235,11 @@ def paired_difference(a, b, confidence: float = 0.95, n_resamples: int = DEFAULT
     if interval["sd"] == 0.0:
         result["p_value"] = 1.0 if interval["mean"] == 0.0 else 0.0
     else:
-        result["p_value"] = float(stats.ttest_rel(a, b).pvalue)
+        with warnings.catch_warnings():
+            # Differences equal up to rounding make scipy warn about precision; the p-value
+            # it returns is still the test's (near 0 or near 1), which is what we report.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result["p_value"] = float(stats.ttest_rel(a, b).pvalue)
     result["p_value_sign_flip"] = _sign_flip_p(d, n_resamples, seed)
     result["significant"] = bool(interval["low"] > 0.0 or interval["high"] < 0.0)
     return result

@@ -8,6 +8,7 @@ import json
 import math
 
 import matplotlib
+from scipy import stats as scipy_stats
 import pytest
 
 from blockloop.experiment import RESULTS_FILE, plan_experiment, read_experiment_file
@@ -126,9 +127,10 @@ def test_report_tables_and_failures(synthetic):
     text = write_report(out).read_text()
     assert matplotlib.get_backend() == backend  # the report never switches the caller's backend
     assert "# Experiment `synthetic`" in text and "made up numbers" in text
-    # Mean ± sample standard deviation over the two seeds.
+    # Mean with its 95% Student-t interval over the two seeds (2.0 and 2.2: sd sqrt(0.02)).
     row = next(ln for ln in text.splitlines() if ln.startswith("| plain_L2 |"))
-    assert f"2.1000 ± {math.sqrt(0.02):.4f}" in row
+    half = scipy_stats.t.ppf(0.975, 1) * math.sqrt(0.02) / math.sqrt(2)
+    assert f"2.1000 [{2.1 - half:.4f}, {2.1 + half:.4f}]" in row
     assert "| plain_L4 | reference (added) |" in text
     loop_row = next(ln for ln in text.splitlines() if ln.startswith("| loop |"))
     assert "3.00 ± 0.00 of 3" in loop_row  # iterations used under automatic exit
@@ -163,7 +165,12 @@ def test_recurrence_equivalence_fractions(synthetic):
     fractions, details = gap_fractions(task, loop1)
     assert dict(fractions) == pytest.approx({1: (0.75 - 0.30) / (0.90 - 0.30)})
     text = (out / "report" / "report.md").read_text()
-    assert "| 0.55 ± 0.07 |" in text and "| 0.75 |" in text
+    # The table's estimate is the ratio of the seed means: (2.1 - 1.88) / (2.1 - 1.7) = 0.55,
+    # with a bootstrap interval; the one-seed task section has no interval.
+    assert details["closed"]["estimate"] == pytest.approx(0.75)
+    lm_details = gap_fractions(lm, loop)[1]
+    assert lm_details["closed"]["estimate"] == pytest.approx((2.1 - 1.88) / (2.1 - 1.7))
+    assert "| 0.55 [" in text and "| 0.75 (no interval) |" in text
 
 
 def test_every_figure_is_written_and_linked(synthetic):
