@@ -203,19 +203,16 @@ def test_adaptive_seeding_adds_seeds_until_the_run_budget_is_spent(tmp_path):
     lines = len((out / RESULTS_FILE).read_text().splitlines())
     assert main([str(adaptive_file(tmp_path, 1e-12)), "--out", str(out), "--jobs", "2"]) == 0
     assert len((out / RESULTS_FILE).read_text().splitlines()) == lines
-    # --force reruns every run once, adaptive rounds included, and adopts nothing.
-    assert main([str(adaptive_file(tmp_path, 1e-12)), "--out", str(out), "--jobs", "2",
-                 "--force"]) == 0
-    records = [json.loads(x) for x in (out / RESULTS_FILE).read_text().splitlines()]
-    assert len(records) == 2 * lines
-    assert sorted(r["run_id"] for r in records[lines:]) == sorted(expected)
-
-
-def test_adaptive_seeding_adds_nothing_when_intervals_are_narrow_enough(tmp_path):
-    out = tmp_path / "out"
-    assert main([str(adaptive_file(tmp_path, 1e9)), "--out", str(out), "--jobs", "2"]) == 0
-    assert len(load_results(out)) == 4
+    # Intervals narrow enough: no seed is added, and the finished runs are reused.
+    wide = str(adaptive_file(tmp_path, 1e9))
+    assert main([wide, "--out", str(out), "--jobs", "2"]) == 0
+    assert len((out / RESULTS_FILE).read_text().splitlines()) == lines
     assert "no seed needed adding" in (out / "report" / "report.md").read_text()
+    # --force reruns every planned run once and adopts no result.json left on disk.
+    assert main([wide, "--out", str(out), "--jobs", "2", "--force"]) == 0
+    records = [json.loads(x) for x in (out / RESULTS_FILE).read_text().splitlines()]
+    assert sorted(r["run_id"] for r in records[lines:]) == sorted(
+        f"main/plain_L{n}-s{s}" for n in (1, 2) for s in (1, 2))
 
 
 @pytest.mark.parametrize("text, fragment", [
