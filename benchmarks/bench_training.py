@@ -46,6 +46,19 @@ def measure_peak_flops(dtype=torch.float32, n=2048, repeats=5) -> float:
     return 2 * n**3 / best
 
 
+def training_step(model, optimizer, ctx, x, y):
+    """One optimiser step as `blockloop.train` takes it: forward under `ctx`, backward,
+    gradient clipping at 1.0, the optimizer step, gradients cleared. x, y: (B, T) token ids.
+    Returns the loss tensor (no `.item()`: a host sync would be timed too)."""
+    with ctx:
+        _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def make_step(model, batch, block_size, vocab, autocast_dtype=None, opt=None):
     """A closure running one optimiser step of `model` on fixed random tokens (`opt`: the
     optimizer, default plain AdamW)."""
@@ -56,12 +69,7 @@ def make_step(model, batch, block_size, vocab, autocast_dtype=None, opt=None):
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     def step():
-        with ctx:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(model, opt, ctx, x, y)
 
     return step
 

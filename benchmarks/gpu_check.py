@@ -40,7 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_training import training_step  # noqa: E402
 from blockloop.model import GPT, GPTConfig  # noqa: E402
 from blockloop.runtime import autocast_context  # noqa: E402
 
@@ -161,14 +163,7 @@ def make_step(model, optimizer, ctx, batches):
     (not `.item()`: a host sync per step would be timed too)."""
 
     def step(i: int):
-        x, y = batches[i % len(batches)]
-        with ctx:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return training_step(model, optimizer, ctx, *batches[i % len(batches)])
 
     return step
 
