@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blockloop.model import GPT, GPTConfig  # noqa: E402
+from blockloop.runtime import keep_freed_memory  # noqa: E402
 
 BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False, dropout=0.0)
 BABY_BATCH = 12
@@ -104,7 +106,8 @@ def own_optimizer(model):
 
 def bench_vs_nanogpt(nanogpt_dir, config, batch, rounds) -> dict:
     """blockloop's training step against nanoGPT's on the same batches, each with its own
-    optimizer (`own_optimizer`), alternating; medians and their ratio."""
+    optimizer (`own_optimizer`), alternating in this one process: the difference of the model
+    and optimizer code alone. Medians and their ratio."""
     nano = load_nanogpt(nanogpt_dir)
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**config))
@@ -117,13 +120,51 @@ def bench_vs_nanogpt(nanogpt_dir, config, batch, rounds) -> dict:
         },
         rounds,
     )
-    tokens = batch * config["block_size"]
     return {
         "blockloop_ms": med["blockloop"] * 1e3,
         "nanogpt_ms": med["nanogpt"] * 1e3,
         "speedup_vs_nanogpt": med["nanogpt"] / med["blockloop"],
-        "blockloop_tokens_per_s": tokens / med["blockloop"],
+        "blockloop_tokens_per_s": batch * block / med["blockloop"],
     }
+
+
+CONFIGS = {"baby": (BABY, BABY_BATCH), "6x384": (SHAKESPEARE, 8)}
+
+
+def worker_step_ms(project: str, nanogpt_dir: str, config_name: str, steps: int) -> float:
+    """Median ms of `steps` training steps (after warm-up) in this process, set up as that
+    project's training script sets up its process: `blockloop train` keeps freed memory
+    (`runtime.keep_freed_memory`), nanoGPT's train.py changes nothing."""
+    config, batch = CONFIGS[config_name]
+    torch.manual_seed(0)
+    if project == "blockloop":
+        keep_freed_memory()
+        model = GPT(GPTConfig(**config))
+    else:
+        nano = load_nanogpt(nanogpt_dir)
+        model = nano.GPT(nano.GPTConfig(**config))
+    step = make_step(model, batch, config["block_size"], config["vocab_size"],
+                     opt=own_optimizer(model))
+    return paired_times({project: step}, steps, warmup=3)[project] * 1e3
+
+
+def bench_vs_nanogpt_processes(nanogpt_dir, config_name, rounds, steps) -> dict:
+    """The training step as each project's own training process runs it (`worker_step_ms`):
+    one fresh process per project per round, alternating (the order swapped every round);
+    medians over rounds of each process's median step, and their ratio. This is the
+    comparison a user sees, process-wide settings included."""
+    times = {"blockloop": [], "nanogpt": []}
+    for r in range(rounds):
+        for project in (("blockloop", "nanogpt") if r % 2 == 0 else ("nanogpt", "blockloop")):
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", project, "--nanogpt_dir", nanogpt_dir,
+                 "--worker_config", config_name, "--worker_steps", str(steps)],
+                check=True, capture_output=True, text=True)
+            times[project].append(float(out.stdout.split()[-1]))
+    ours, theirs = statistics.median(times["blockloop"]), statistics.median(times["nanogpt"])
+    return {"blockloop_ms": ours, "nanogpt_ms": theirs, "speedup_vs_nanogpt": theirs / ours,
+            "rounds": rounds, "steps_per_process": steps,
+            "round_ratios": [n / b for b, n in zip(times["blockloop"], times["nanogpt"])]}
 
 
 def bench_loop_overhead(rounds) -> dict:
@@ -244,18 +285,32 @@ def main(argv=None) -> int:
     parser.add_argument("--nanogpt_dir", default=None, help="a nanoGPT checkout to compare against")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--worker", choices=("blockloop", "nanogpt"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker_config", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker_steps", type=int, default=30, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        print(worker_step_ms(args.worker, args.nanogpt_dir, args.worker_config, args.worker_steps))
+        return 0
     rounds = 5 if args.quick else 30
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.nanogpt_dir:
+        # As users run them: each project's training process (the bar of issue 16) ...
+        for name, steps in (("baby", 40), ("6x384", 6)):
+            key = f"{name}_vs_nanogpt_processes"
+            results[key] = bench_vs_nanogpt_processes(args.nanogpt_dir, name, 2 if args.quick else 8,
+                                                      steps)
+            print(f"{name} vs nanoGPT, own processes", results[key], flush=True)
+        # ... and the model and optimizer code alone, in one process.
         results["baby_vs_nanogpt"] = bench_vs_nanogpt(args.nanogpt_dir, BABY, BABY_BATCH, rounds)
-        print("baby vs nanoGPT", results["baby_vs_nanogpt"], flush=True)
+        print("baby vs nanoGPT, one process", results["baby_vs_nanogpt"], flush=True)
         results["shakespeare_vs_nanogpt"] = bench_vs_nanogpt(
             args.nanogpt_dir, SHAKESPEARE, 8, max(3, rounds // 6)
         )
-        print("6x384 vs nanoGPT (batch 8)", results["shakespeare_vs_nanogpt"], flush=True)
+        print("6x384 vs nanoGPT (batch 8), one process", results["shakespeare_vs_nanogpt"],
+              flush=True)
     results["loop_overhead"] = bench_loop_overhead(rounds)
     print("loop overhead", results["loop_overhead"], flush=True)
     results["mfu"] = bench_mfu(rounds)

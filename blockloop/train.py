@@ -65,6 +65,7 @@ from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jso
 from blockloop.runtime import (
     autocast_context,
     dtype_reason,
+    keep_freed_memory,
     mix_seed,
     resolve_device,
     resolve_dtype,
@@ -599,6 +600,7 @@ def setup(cfg: TrainConfig, model_overrides: dict, log=print) -> Trainer:
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    allocator = "glibc keeps freed blocks" if keep_freed_memory() else "system default"
     data = TrainingData(cfg)
     out_dir = prepare_out_dir(cfg, dist.master)
     start = build_or_resume_model(cfg, model_overrides, data, out_dir, device, log)
@@ -625,7 +627,7 @@ def setup(cfg: TrainConfig, model_overrides: dict, log=print) -> Trainer:
             f"model: {raw_model.get_num_params() / 1e6:.2f}M unique parameters, effective depth "
             f"{raw_model.effective_depth()}, {raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token "
             f"(training); {t.tokens_per_iter:,} tokens/iteration; device {device}, dtype {dtype} "
-            f"({dtype_reason(cfg.dtype, device)})"
+            f"({dtype_reason(cfg.dtype, device)}); CPU allocator: {allocator}"
         )
     if dist.master and cfg.progress and not cfg.eval_only:
         t.bar = tqdm(total=cfg.max_iters, initial=start.iter_num, desc="train",

@@ -7,22 +7,20 @@ statistics that hold on another machine.
 Two sections, run side by side as single-thread processes (`--jobs` defaults to the CPU count).
 Every run of a seed sees the same training batches, so comparisons are paired by seed.
 
-- **shakespeare**: character-level Tiny Shakespeare at nanoGPT's CPU "baby" size (128 channels,
-  context 64, batch 12, learning rate 1e-3, 2000 iterations). Plain 4 and 2 layers, and two
-  blocks with the second looped three times with additive input injection (effective depth 4,
-  the parameters of 2 layers): the runner's parameter-matched (plain 2) and depth-matched
-  (plain 4) references. Three seeds. Why this size and budget: shorter training shows no depth
-  gap for looping to close. Measured on the 2-core development machine (AMD EPYC, AVX2), best
-  validation loss: 64 channels, batch 32, 1200 iterations, seeds 1-3: plain 1 layer 1.904,
-  1.900, 1.912 and plain 3 layers 1.896, 1.874, 1.898; the baby size at 1200 iterations,
-  seeds 1-2: plain 2 layers 2.043, 2.051 and plain 4 layers 2.052, 2.039 (at learning rate
-  2.5e-3 the 2-layer model was ahead: 1.895, 1.894 against 1.921, 1.904); context 256 at 800
-  iterations: 1 and 2 layers tied. At the baby size and 2000 iterations issue 15 measured 4
-  layers beating 2 by about 0.02 (seed spread about 0.005) on another machine of the same kind;
-  this section is that setting, the most promising one known, but in its run on the
-  development machine (docs/results/report.md) the two did not differ significantly either
-  (-0.0016 [-0.0200, 0.0167]). Further variants did not fit;
-  config/experiment_schedules.py and config/experiment_groups.py compare more.
+- **shakespeare**: character-level Tiny Shakespeare with small blocks (32 channels, 2 heads,
+  context 64, batch 64, learning rate 5e-3, 1000 iterations). Plain 4 layers and 1 layer, and
+  the one block looped four times with additive input injection (effective depth 4, the
+  parameters of 1 layer): the runner's depth-matched (plain 4) and parameter-matched (plain 1)
+  references. Three seeds. Why this size: at a CPU budget of minutes, a wider model is limited
+  by its number of steps, not its depth, so its plain references tie; narrow blocks are limited
+  by their capacity, which depth buys. Measured on the 2-core development machine (AMD EPYC,
+  AVX2), best validation loss over 3 seeds: nanoGPT's "baby" size (4x128, context 64, batch 12,
+  2000 iterations), the previous section, plain 4 layers 1.8986 [1.8807, 1.9165] and plain 2
+  layers 1.9002 [1.8888, 1.9117], no significant difference (and on the whole validation split
+  too: 1.9160 against 1.9145); 64 channels, context 128, batch 16, 1000 iterations: plain 4
+  and 1 layers tied at 2.05 (seed 1); this section's setting, seeds 1-3: plain 4 layers
+  1.954, 1.982, 2.001 and plain 1 layer 2.045, 2.046, 2.048 (4 layers ahead by 0.068
+  [0.013, 0.122], p = 0.033; at 1500 iterations, seed 1: 1.875 against 1.972).
 - **phop**: p-hop induction (tasks.py), where depth decides whether the task is solvable at
   all: plain 1 and 4 layers and one block looped to depth 4, five seeds, reported as solve rates
   (final accuracy >= 0.95) with Wilson intervals, since a seed either solves the task or not.
@@ -34,14 +32,13 @@ Sizes for p-hop were chosen by measuring: at n = 8, p = 1, batch 128 the plain 4
 reaches 0.994 final accuracy in 600 iterations (seed 1, this machine), while one layer cannot
 implement the two-step lookup. Harder settings (p = 2, or n = 16) did not fit a CPU budget.
 
-Cost: 44 runs. The baby-size Shakespeare runs dominate (a 4-layer run is about 4.5 minutes of
-one core here); README.md gives the measured wall time of `make run` on a fresh clone.
+Cost: 44 runs; README.md gives the measured wall time of `make run` on a fresh clone.
 """
 
 name = "default"
 description = (
-    "Looped vs plain transformers with equal training iterations: Tiny Shakespeare at nanoGPT's "
-    "CPU baby size, and p-hop induction with the cross-model test-time depth protocol."
+    "Looped vs plain transformers with equal training iterations: Tiny Shakespeare with narrow "
+    "blocks, and p-hop induction with the cross-model test-time depth protocol."
 )
 
 baselines = True
@@ -62,29 +59,30 @@ sections = [
     {
         "name": "shakespeare",
         "description": (
-            "Character-level Tiny Shakespeare at nanoGPT's CPU baby size (4x128 plain, context "
-            "64, batch 12). The looped model has the unique blocks of the 2-layer model and the "
-            "depth of the 4-layer one."
+            "Character-level Tiny Shakespeare with narrow blocks (32 channels, context 64, batch "
+            "64). The looped model is the 1-layer model's block run four times: the unique "
+            "blocks of plain 1 layer, the depth of plain 4."
         ),
         "base": {
             "dataset": "shakespeare_char",
-            "n_embd": 128,
+            "n_embd": 32,
+            "n_head": 2,
             "block_size": 64,
-            "batch_size": 12,
-            "learning_rate": 1e-3,
-            "min_lr": 1e-4,
+            "batch_size": 64,
+            "learning_rate": 5e-3,
+            "min_lr": 5e-4,
             "warmup_iters": 100,
-            "eval_interval": 250,
-            "eval_iters": 20,
+            "eval_interval": 500,
+            "eval_iters": 16,
         },
         "variants": [
             {"name": "plain_L4", "n_layer": 4},
-            {"name": "plain_L2", "n_layer": 2},
-            {"name": "loop_2x3", "n_layer": 2, "loop_center_idx": 1, "max_loops": 3,
+            {"name": "plain_L1", "n_layer": 1},
+            {"name": "loop_1x4", "n_layer": 1, "loop_center_idx": 0, "max_loops": 4,
              "loop_input_injection": "add"},
         ],
         "seeds": [1, 2, 3],
-        "budget": {"iters": 2000},
+        "budget": {"iters": 1000},
         "evaluation": {"samples": 1, "sample_tokens": 200},
     },
     {

@@ -1,8 +1,9 @@
 """The run's own process: train one run, evaluate the final model, write `result.json`.
 
-The runner starts every run as `python -c CHILD_BOOT spec.json` (its own process, so a crash, a
-leak or a thread setting cannot touch the others). `run_child` trains with `blockloop.train`,
-then `post_evaluate` measures on the final model (last.pt) what the report needs beyond
+The runner starts every run as its own process (`run_logged_child`), so a crash, a leak or a
+thread setting cannot touch the others; the process is forked from a server that imported torch
+and this module once, which saves the seconds of a fresh interpreter per run. `run_child`
+trains with `blockloop.train`, then `post_evaluate` measures on the final model (last.pt) what the report needs beyond
 `metrics.jsonl`, with the shared pieces: `checkpoint.load_model`, `runtime`'s device, dtype and
 autocast, and `evaluation`'s loss/accuracy, test-time loop scaling and automatic-exit sweep.
 Test-time iteration counts come from `looping`, so a model that can run only one iteration
@@ -16,6 +17,8 @@ hops asked; for token data, generated samples. Every result records the code tha
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -42,13 +45,6 @@ from blockloop.train import TrainingData, train
 
 # Identifies the sample-generation random stream, so samples are reproducible per run.
 SAMPLE_SEED = 1234
-# The child is started with `python -c` rather than `-m blockloop.experiment` so that no hidden
-# command-line mode is needed; the runner puts this package's directory on PYTHONPATH so it
-# resolves even when blockloop is not installed.
-CHILD_BOOT = (
-    "import sys; from blockloop.experiment.child import run_child; "
-    "sys.exit(run_child(sys.argv[1]))"
-)
 
 
 def run_child(spec_path: str) -> int:
@@ -70,6 +66,22 @@ def run_child(spec_path: str) -> int:
                   process_time_s=time.time() - t0)
     atomic_write_json(run_dir / RUN_RESULT_FILE, result, indent=1)
     return 0 if result["status"] == "ok" else 1
+
+
+def run_logged_child(spec_path: str, log_path: str, cwd: str, env: dict) -> None:
+    """Entry point of a run's process as the runner starts it (forked from a server that has
+    already imported this module): the runner's working directory and `env` (thread-count
+    variables), stdout and stderr into the run's log `log_path`, then `run_child`; exits with
+    its code."""
+    os.chdir(cwd)
+    os.environ.update(env)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.exit(run_child(spec_path))
 
 
 def _train_and_evaluate(spec: dict) -> dict | None:

@@ -1,9 +1,9 @@
 """The parent process of an experiment: which runs to do, running them side by side, results.
 
 `run_experiment` plans the experiment (`plan`), decides which runs are already done, starts every
-other run as its own `python` process (`child`), up to `jobs` at a time, each with
-`cpus // jobs` torch threads (on a small CPU two single-thread runs side by side finish sooner
-than one two-thread run after another), tails each run's `metrics.jsonl` for progress (run i of
+other run as its own process (`child`, forked from a server that imported torch once), up to
+`jobs` at a time, each with `cpus // jobs` torch threads (on a small CPU two single-thread runs
+side by side finish sooner than one two-thread run after another), tails each run's `metrics.jsonl` for progress (run i of
 n, iteration, loss, ETA), appends one record per finished run to `results.jsonl`, and writes the
 report. A run that ends without a result file, or with an error, is recorded as failed with its
 error, and the others go on.
@@ -19,16 +19,16 @@ result.json; `force` reruns everything.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockloop.experiment.child import CHILD_BOOT
+from blockloop.experiment.child import run_logged_child
 from blockloop.experiment.comparisons import section_pairs, section_values, wide_pairs
 from blockloop.experiment.files import (
     PLAN_FILE,
@@ -43,9 +43,6 @@ from blockloop.experiment.plan import RunPlan, plan_experiment
 from blockloop.experiment.report import write_report
 from blockloop.experiment.spec import Experiment
 from blockloop.records import append_jsonl, atomic_write_json, code_identity, same_code
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `blockloop/`
-
 
 def run_experiment(
     exp: Experiment,
@@ -228,8 +225,7 @@ class _Active:
 
     plan: RunPlan
     index: int  # i of "run i of n"
-    proc: subprocess.Popen
-    log_file: object
+    proc: _RunProcess
     started: float
     metrics_offset: int = 0
     iteration: int = 0
@@ -346,7 +342,6 @@ class _Scheduler:
             except subprocess.TimeoutExpired:
                 a.proc.terminate()
                 a.proc.wait()
-            a.log_file.close()
 
 
 class _Eta:
@@ -383,15 +378,52 @@ class _Eta:
         return left / self.jobs
 
 
-def _child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    # Keep BLAS/OpenMP pools to the run's share of the machine (torch.set_num_threads in the
-    # child covers torch's own pool; these cover libraries that read the environment).
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("MKL_NUM_THREADS", str(threads))
-    return env
+def _thread_env(threads: int) -> dict:
+    # torch.set_num_threads in the child covers torch's own pool; these cover libraries that
+    # read the environment. A value the user set is kept.
+    return {k: os.environ.get(k, str(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+_FORKSERVER = None
+
+
+def _process_context():
+    """The multiprocessing context runs start from: a fork server that imports torch and the
+    child module once (a fresh interpreter per run costs several seconds of imports)."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["blockloop.experiment.child"])
+    return _FORKSERVER
+
+
+class _RunProcess:
+    """A run's process with the part of `subprocess.Popen`'s interface the scheduler uses."""
+
+    def __init__(self, spec_path: Path, log_path: Path, threads: int):
+        self._process = _process_context().Process(
+            target=run_logged_child,
+            args=(str(spec_path), str(log_path), os.getcwd(), _thread_env(threads)),
+        )
+        self._process.start()
+
+    def poll(self) -> int | None:
+        """The exit code, None while running."""
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self._process.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit code; raises subprocess.TimeoutExpired if still running after `timeout` s."""
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"run process {self._process.pid}", timeout)
+        return self._process.exitcode
+
+    def terminate(self) -> None:
+        self._process.terminate()
 
 
 def _start(plan: RunPlan, index: int, threads: int) -> _Active:
@@ -403,13 +435,8 @@ def _start(plan: RunPlan, index: int, threads: int) -> _Active:
             "spec_hash": plan.spec_hash}
     spec_path = plan.run_dir / RUN_SPEC_FILE
     atomic_write_json(spec_path, spec, indent=1)
-    log_file = open(plan.run_dir / RUN_LOG_FILE, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD_BOOT, str(spec_path)],
-        stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=_child_env(threads),
-    )
-    return _Active(plan=plan, index=index, proc=proc, log_file=log_file, started=time.time())
+    proc = _RunProcess(spec_path, plan.run_dir / RUN_LOG_FILE, threads)
+    return _Active(plan=plan, index=index, proc=proc, started=time.time())
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:
@@ -422,7 +449,6 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 def _collect(a: _Active, experiment_name: str) -> dict:
     """The results.jsonl record of a finished run process."""
     plan = a.plan
-    a.log_file.close()
     base = {**plan.record(experiment_name), "iters": plan.iters, "run_dir": str(plan.run_dir),
             "elapsed_s": time.time() - a.started}
     try:
