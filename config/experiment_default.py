@@ -8,7 +8,7 @@ Two sections, run side by side as single-thread processes (`--jobs` defaults to 
 Every run of a seed sees the same training batches, so comparisons are paired by seed.
 
 - **shakespeare**: character-level Tiny Shakespeare with small blocks (32 channels, 2 heads,
-  context 64, batch 64, learning rate 5e-3, 1000 iterations). Plain 4 layers and 1 layer, and
+  context 64, batch 64, learning rate 5e-3, 800 iterations). Plain 4 layers and 1 layer, and
   the one block looped four times with additive input injection (effective depth 4, the
   parameters of 1 layer): the runner's depth-matched (plain 4) and parameter-matched (plain 1)
   references. Three seeds. Why this size: at a CPU budget of minutes, a wider model is limited
@@ -18,9 +18,10 @@ Every run of a seed sees the same training batches, so comparisons are paired by
   2000 iterations), the previous section, plain 4 layers 1.8986 [1.8807, 1.9165] and plain 2
   layers 1.9002 [1.8888, 1.9117], no significant difference (and on the whole validation split
   too: 1.9160 against 1.9145); 64 channels, context 128, batch 16, 1000 iterations: plain 4
-  and 1 layers tied at 2.05 (seed 1); this section's setting, seeds 1-3: plain 4 layers
-  1.954, 1.982, 2.001 and plain 1 layer 2.045, 2.046, 2.048 (4 layers ahead by 0.068
-  [0.013, 0.122], p = 0.033; at 1500 iterations, seed 1: 1.875 against 1.972).
+  and 1 layers tied at 2.05 (seed 1); this section's blocks at 1000 iterations, seeds 1-3:
+  plain 4 layers 1.954, 1.982, 2.001 and plain 1 layer 2.045, 2.046, 2.048 (4 layers ahead by
+  0.068 [0.013, 0.122], p = 0.033); at 800 iterations 2.022, 2.055, 2.067 against 2.103,
+  2.111, 2.112 (0.8 of the cost, a similar gap: 800 it is, so that `make run` fits 20 minutes).
 - **phop**: p-hop induction (tasks.py), where depth decides whether the task is solvable at
   all: plain 1 and 4 layers and one block looped to depth 4, five seeds, reported as solve rates
   (final accuracy >= 0.95) with Wilson intervals, since a seed either solves the task or not.
@@ -72,7 +73,7 @@ sections = [
             "learning_rate": 5e-3,
             "min_lr": 5e-4,
             "warmup_iters": 100,
-            "eval_interval": 500,
+            "eval_interval": 400,
             "eval_iters": 16,
         },
         "variants": [
@@ -82,8 +83,8 @@ sections = [
              "loop_input_injection": "add"},
         ],
         "seeds": [1, 2, 3],
-        "budget": {"iters": 1000},
-        "evaluation": {"samples": 1, "sample_tokens": 200},
+        "budget": {"iters": 800},
+        "evaluation": {"samples": 1, "sample_tokens": 200, "exit_thresholds": [0.1, 0.01, 0.001]},
     },
     {
         "name": "phop",
@@ -103,7 +104,7 @@ sections = [
             "learning_rate": 2e-3,
             "min_lr": 2e-4,
             "warmup_iters": 100,
-            "eval_interval": 200,
+            "eval_interval": 300,
             "eval_iters": 4,
         },
         "variants": [
@@ -115,6 +116,6 @@ sections = [
         "seeds": [1, 2, 3, 4, 5],
         "solve_threshold": 0.95,
         "budget": {"iters": 600},
-        "evaluation": {"hops": [1, 2, 3, 4]},
+        "evaluation": {"hops": [1, 2, 3, 4], "exit_thresholds": [0.1, 0.01, 0.001]},
     },
 ]
