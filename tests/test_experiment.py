@@ -270,13 +270,13 @@ def test_default_experiment_plans_every_required_comparison():
             if v["looped"] and v["name"] in {"loop_2x3", "loop_1x4"}:
                 assert set(v["references"]) == {"param", "depth"}
     models = {(r.section, r.variant): build_configs(r.values)[1] for r in runs}
-    # Shakespeare at nanoGPT's baby size: plain 2 and 4 layers of 128 channels, and the looped
-    # model between them.
-    for n in (2, 4):
+    # Shakespeare with narrow blocks: plain 1 and 4 layers of 32 channels, and the one block
+    # looped to depth 4 between them.
+    for n in (1, 4):
         m = models[("shakespeare", f"plain_L{n}")]
-        assert m["n_layer"] == n and m["n_embd"] == 128
-    loop = models[("shakespeare", "loop_2x3")]
-    assert loop["n_layer"] + loop["max_loops"] - 1 == 4
+        assert m["n_layer"] == n and m["n_embd"] == 32
+    loop = models[("shakespeare", "loop_1x4")]
+    assert (loop["n_layer"], loop["max_loops"], loop["n_embd"]) == (1, 4, 32)
     # p-hop: the cross-model depth protocol at r = 1, 2, 3, 4, 6 of one block.
     trained = by_section["phop"]["cross_model_depth"]["trained"]
     assert [t["train_loops"] for t in trained] == [1, 2, 3, 4, 6]
