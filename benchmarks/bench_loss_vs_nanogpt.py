@@ -72,20 +72,27 @@ def blockloop_command(flags: list, iters: int, out_dir: Path) -> list:
             f"--out_dir={out_dir}", "--progress=False"]
 
 
-def run_side_by_side(commands: dict) -> dict:
-    """Start every `{name: (command, cwd)}` at once with one thread each; {name: (stdout, wall
-    seconds)}. Raises CalledProcessError for a command that fails."""
+def run_side_by_side(commands: dict, log_dir: Path) -> dict:
+    """Start every `{name: (command, cwd)}` at once with one thread each, output into
+    log_dir/<name>.log; {name: (output, seconds until that command ended)}. Raises
+    CalledProcessError for a command that fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0, procs = time.time(), {}
+    t0, procs, ended = time.time(), {}, {}
     for name, (cmd, cwd) in commands.items():
-        procs[name] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
+        with open(log_dir / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log,
+                                           stderr=subprocess.STDOUT)
+    while len(ended) < len(procs):
+        time.sleep(0.5)
+        for name, proc in procs.items():
+            if name not in ended and proc.poll() is not None:
+                ended[name] = time.time() - t0
     out = {}
     for name, proc in procs.items():
-        stdout, _ = proc.communicate()
+        text = (log_dir / f"{name}.log").read_text()
         if proc.returncode:
-            raise subprocess.CalledProcessError(proc.returncode, commands[name][0], stdout)
-        out[name] = (stdout, time.time() - t0)
+            raise subprocess.CalledProcessError(proc.returncode, commands[name][0], text)
+        out[name] = (text, ended[name])
     return out
 
 
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
         nano_dir, our_dir = Path(tmp) / "nano", Path(tmp) / "ours"
         runs = run_side_by_side({
             "nanogpt": (nanogpt_command(flags, args.iters, nano_dir), nanogpt_dir),
-            "blockloop": (blockloop_command(flags, args.iters, our_dir), REPO)})
+            "blockloop": (blockloop_command(flags, args.iters, our_dir), REPO)}, Path(tmp))
         nano = nanogpt_result(*runs["nanogpt"])
         ours = blockloop_result(our_dir, runs["blockloop"][1])
     print("nanoGPT  ", nano, flush=True)
