@@ -8,7 +8,6 @@ holds for `train`, `sample`, `analyze` and the experiment runner.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +20,7 @@ DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 # glibc's mallopt parameters (malloc.h) and the sizes blockloop sets them to.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
+_GLIBC_MMAP_MAX = 32 << 20  # the most glibc < 2.35 accepts on 64-bit
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,18 +131,17 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks of up to 1 GiB for reuse; returns whether it did.
 
     A training step frees and reallocates the same activation buffers every step. By default
-    glibc serves blocks over 128 KiB-32 MiB with mmap and returns them to the system on free,
-    so every step pays the page faults of zero-filling them again (about 10% of a CPU step at
-    nanoGPT's 4x128 "baby" size, measured in benchmarks/bench_training.py). Raising the mmap
-    and trim thresholds keeps them in the heap; peak memory is unchanged, but the process does
-    not shrink between steps. Process-wide; does nothing (False) where the C library is not
-    glibc (macOS, musl)."""
-    name = ctypes.util.find_library("c")
+    glibc serves large blocks (from 128 KiB; the threshold moves up by itself only as far as
+    32 MiB) with mmap and returns them to the system on free, so every step pays the page
+    faults of zero-filling them again (about 10% of a CPU step at nanoGPT's 4x128 "baby" size,
+    measured in benchmarks/bench_training.py). Raising the mmap and trim thresholds keeps them
+    in the heap; peak memory is unchanged, but the process does not shrink between steps.
+    glibc before 2.35 refuses an mmap threshold above 32 MiB, which is then used. Process-wide;
+    does nothing (False) where the C library has no mallopt (macOS, musl)."""
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    mmap_set = any(mallopt(_M_MMAP_THRESHOLD, size) for size in (_KEEP_BYTES, _GLIBC_MMAP_MAX))
+    return mmap_set and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))

@@ -23,6 +23,7 @@ from blockloop.experiment import (
     read_experiment_file,
     safe_name,
 )
+from blockloop.experiment.runner import _RunProcess
 from blockloop.model import GPT, GPTConfig
 from blockloop.records import code_identity, read_jsonl, same_code
 
@@ -527,3 +528,30 @@ def test_loop_groups_run_against_their_references_with_causal_exit_curves(tmp_pa
     # Loop against layer: the looped variant's iterates against plain_L7's block outputs.
     assert "Loop against layer" in report
     assert_valid_png(tmp_path / "out" / "report" / "main_loop_vs_layer.png")
+
+
+def test_run_process_that_dies_without_a_result_reports_its_exit_code_and_log(tmp_path,
+                                                                             monkeypatch):
+    # A run process that fails before it can write result.json (here: its spec is missing)
+    # exits with 1, its traceback in the run's log; the runner reads that exit code.
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "run.log"
+    proc = _RunProcess(Path("no_such_spec.json"), log, threads=1)
+    assert proc.wait(timeout=120) == 1
+    assert proc.returncode == 1 and proc.poll() == 1
+    text = log.read_text()
+    assert "FileNotFoundError" in text and "no_such_spec.json" in text
+
+
+def test_run_process_works_in_the_runner_directory_at_its_start(tmp_path, monkeypatch):
+    # The fork server keeps the directory it started in; a run must resolve relative paths
+    # from the runner's directory as it is when the run starts (tests and users change it).
+    (tmp_path / "rel_run").mkdir()
+    spec = {"run_id": "s/v-s1", "values": {"out_dir": "rel_run", "dataset": "no_such_data"},
+            "evaluation": {}, "spec_hash": "h"}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    monkeypatch.chdir(tmp_path)
+    proc = _RunProcess(Path("spec.json"), Path("rel_run/run.log"), threads=1)
+    assert proc.wait(timeout=120) == 1
+    result = json.loads((tmp_path / "rel_run" / "result.json").read_text())
+    assert result["status"] == "failed" and "no_such_data" in result["error"]

@@ -70,10 +70,11 @@ def run_child(spec_path: str) -> int:
 
 def run_logged_child(spec_path: str, log_path: str, cwd: str, env: dict) -> None:
     """Entry point of a run's process as the runner starts it (forked from a server that has
-    already imported this module): the runner's working directory and `env` (thread-count
-    variables), stdout and stderr into the run's log `log_path`, then `run_child`; exits with
-    its code."""
+    already imported this module): the runner's working directory and environment `env` at
+    the run's start, stdout and stderr into the run's log `log_path`, then `run_child`; exits
+    with its code."""
     os.chdir(cwd)
+    os.environ.clear()
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()

@@ -292,6 +292,11 @@ class _Scheduler:
         except KeyboardInterrupt:
             self._stop_all()
             return True
+        except BaseException:
+            # The runner's own failure must not leave runs training unattended (and
+            # multiprocessing would wait for them at exit).
+            self._stop_all()
+            raise
         finally:
             _restore_sigterm(previous_sigterm)
         return False
@@ -340,7 +345,7 @@ class _Scheduler:
             try:
                 a.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                a.proc.terminate()
+                a.proc.kill()
                 a.proc.wait()
 
 
@@ -378,10 +383,15 @@ class _Eta:
         return left / self.jobs
 
 
-def _thread_env(threads: int) -> dict:
-    # torch.set_num_threads in the child covers torch's own pool; these cover libraries that
-    # read the environment. A value the user set is kept.
-    return {k: os.environ.get(k, str(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+def _child_env(threads: int) -> dict:
+    """The environment a run starts with: the runner's, as it is now (the fork server's is as
+    it was when the server started), with the run's thread count for libraries that read it
+    when they load in the run (torch's own pool is set by `threads`). A value the user set is
+    kept."""
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(key, str(threads))
+    return env
 
 
 _FORKSERVER = None
@@ -403,12 +413,17 @@ class _RunProcess:
     def __init__(self, spec_path: Path, log_path: Path, threads: int):
         self._process = _process_context().Process(
             target=run_logged_child,
-            args=(str(spec_path), str(log_path), os.getcwd(), _thread_env(threads)),
+            args=(str(spec_path), str(log_path), os.getcwd(), _child_env(threads)),
         )
         self._process.start()
 
     def poll(self) -> int | None:
         """The exit code, None while running."""
+        return self._process.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code (negative: killed by that signal), None while running."""
         return self._process.exitcode
 
     def send_signal(self, sig: int) -> None:
@@ -422,8 +437,8 @@ class _RunProcess:
             raise subprocess.TimeoutExpired(f"run process {self._process.pid}", timeout)
         return self._process.exitcode
 
-    def terminate(self) -> None:
-        self._process.terminate()
+    def kill(self) -> None:
+        self._process.kill()
 
 
 def _start(plan: RunPlan, index: int, threads: int) -> _Active:
