@@ -1,4 +1,4 @@
-"""Training benchmarks: throughput, loop-aware MFU, loop overhead, memory, compile, CPU bf16.
+"""Training benchmarks: against nanoGPT, CPU dropout, loop overhead, MFU, compile, memory, bf16.
 
 Timings on a shared machine are noisy, so every comparison is paired: the contenders run
 alternately in one process, many rounds, and we report medians and their ratio. Absolute
@@ -23,15 +23,20 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import blockloop.dropout as dropout_module  # noqa: E402
+from blockloop.dropout import causal_attention, dropout  # noqa: E402
 from blockloop.model import GPT, GPTConfig  # noqa: E402
 from blockloop.runtime import keep_freed_memory  # noqa: E402
 
 BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False, dropout=0.0)
 BABY_BATCH = 12
 SHAKESPEARE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False, dropout=0.0)
+# nanoGPT's config/train_shakespeare_char.py trains this model with dropout 0.2.
+SHAKESPEARE_DROPOUT = {**SHAKESPEARE, "dropout": 0.2}
 SHAKESPEARE_BATCH = 64
 
 
@@ -128,7 +133,10 @@ def bench_vs_nanogpt(nanogpt_dir, config, batch, rounds) -> dict:
     }
 
 
-CONFIGS = {"baby": (BABY, BABY_BATCH), "6x384": (SHAKESPEARE, 8)}
+# The comparisons with nanoGPT: its CPU baby config, its Shakespeare config (batch 8 instead of
+# 64, a CPU budget) and the same without dropout.
+CONFIGS = {"baby": (BABY, BABY_BATCH), "6x384": (SHAKESPEARE_DROPOUT, 8),
+           "6x384_no_dropout": (SHAKESPEARE, 8)}
 
 
 def worker_step_ms(project: str, nanogpt_dir: str, config_name: str, steps: int) -> float:
@@ -187,6 +195,46 @@ def bench_loop_overhead(rounds) -> dict:
         "plain_ms": med["plain_depth4"] * 1e3,
         "looped_over_plain": med["looped_depth4"] / med["plain_depth4"],
         "trace_on_over_off": med["looped_depth4_traced"] / med["looped_depth4"],
+    }
+
+
+def bench_dropout(rounds) -> dict:
+    """blockloop's CPU dropout against torch's at the 6x384 shapes (batch 8, context 256,
+    p = 0.2): mask draws per second, the residual dropout of a (8, 256, 384) activation, and
+    causal attention with dropout, forward and backward, for each query block size of
+    `blockloop.dropout` against `scaled_dot_product_attention` (its math fallback)."""
+    n = 8 * 6 * 256 * 256
+    draws = paired_times({
+        "bernoulli_": lambda: torch.empty(n).bernoulli_(0.8),
+        "int32 random_": lambda: torch.empty(n, dtype=torch.int32).random_()}, rounds)
+    x = torch.randn(8, 256, 384)
+    residual = paired_times({"torch": lambda: F.dropout(x, 0.2, True),
+                             "blockloop": lambda: dropout(x, 0.2, True)}, rounds)
+    q, k, v = (torch.randn(8, 6, 256, 64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(8, 6, 256, 64)
+
+    def attention(fn, block=None):
+        def run():
+            if block is not None:
+                dropout_module.QUERY_BLOCK = block
+            fn(q, k, v).backward(grad)
+        return run
+
+    default_block = dropout_module.QUERY_BLOCK
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True)  # noqa: E731
+    steps = {"sdpa": attention(sdpa)}
+    for block in (32, 64, 128, 256):
+        steps[f"block_{block}"] = attention(lambda q, k, v: causal_attention(q, k, v, 0.2), block)
+    try:
+        attn = paired_times(steps, rounds)
+    finally:
+        dropout_module.QUERY_BLOCK = default_block
+    return {
+        "draws_per_s": {name: n / t for name, t in draws.items()},
+        "residual_dropout_ms": {name: t * 1e3 for name, t in residual.items()},
+        "residual_speedup": residual["torch"] / residual["blockloop"],
+        "attention_ms": {name: t * 1e3 for name, t in attn.items()},
+        "attention_speedup": {name: attn["sdpa"] / t for name, t in attn.items() if name != "sdpa"},
     }
 
 
@@ -298,7 +346,7 @@ def main(argv=None) -> int:
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.nanogpt_dir:
         # As users run them: each project's training process (the bar of issue 16) ...
-        for name, steps in (("baby", 40), ("6x384", 6)):
+        for name, steps in (("baby", 40), ("6x384", 6), ("6x384_no_dropout", 6)):
             key = f"{name}_vs_nanogpt_processes"
             results[key] = bench_vs_nanogpt_processes(args.nanogpt_dir, name, 2 if args.quick else 8,
                                                       steps)
@@ -307,10 +355,12 @@ def main(argv=None) -> int:
         results["baby_vs_nanogpt"] = bench_vs_nanogpt(args.nanogpt_dir, BABY, BABY_BATCH, rounds)
         print("baby vs nanoGPT, one process", results["baby_vs_nanogpt"], flush=True)
         results["shakespeare_vs_nanogpt"] = bench_vs_nanogpt(
-            args.nanogpt_dir, SHAKESPEARE, 8, max(3, rounds // 6)
+            args.nanogpt_dir, SHAKESPEARE_DROPOUT, 8, max(3, rounds // 6)
         )
         print("6x384 vs nanoGPT (batch 8), one process", results["shakespeare_vs_nanogpt"],
               flush=True)
+    results["dropout"] = bench_dropout(max(5, rounds // 3))
+    print("dropout", results["dropout"], flush=True)
     results["loop_overhead"] = bench_loop_overhead(rounds)
     print("loop overhead", results["loop_overhead"], flush=True)
     results["mfu"] = bench_mfu(rounds)

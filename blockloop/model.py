@@ -10,6 +10,9 @@ embeddings (`position_embedding = "rope"`, `RotaryEmbedding`): q and k of every 
 by their token's position in every attention call, so an attention score depends on the distance
 between two tokens only, and the model has no position parameters.
 
+Dropout (`dropout` > 0, training only) is `blockloop.dropout`'s: on CPU it draws its masks faster
+than torch's and runs causal attention with dropout in query blocks; elsewhere it is torch's.
+
 `GPTConfig` validates itself on construction: a bad value raises `ValueError` naming the key.
 """
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blockloop.dropout import Dropout, causal_attention
 from blockloop.looping import (
     LoopPlan,
     LoopRunner,
@@ -238,7 +242,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout_p = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.rotary = rotary
@@ -254,7 +258,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, k, 0 if kv_cache is None else kv_cache.past_length)
         dropout_p = self.attn_dropout_p if self.training else 0.0
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = causal_attention(q, k, v, dropout_p)
         else:
             k, v, mask = kv_cache.extend(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -268,7 +272,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -302,7 +306,7 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         # nanoGPT's module order (wte, wpe, drop, h, ln_f): the initialisation draws follow it.
         modules.update(
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, self.rotary) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         )

@@ -91,10 +91,11 @@ def test_no_import_circle_inside_the_package():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_model_imports_nothing_of_the_package_but_looping():
+def test_model_imports_nothing_of_the_package_but_looping_and_dropout():
     graph, _ = import_graph()
-    assert graph["blockloop.model"] == {"blockloop.looping"}
+    assert graph["blockloop.model"] == {"blockloop.looping", "blockloop.dropout"}
     assert graph["blockloop.looping"] == set()
+    assert graph["blockloop.dropout"] == set()
 
 
 def test_no_package_import_hidden_inside_a_function():
