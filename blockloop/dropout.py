@@ -1,11 +1,12 @@
 """Dropout that is fast on CPU: the residual/embedding dropout and causal attention with dropout.
 
 On CPU, torch's dropout spends most of its time drawing the mask: `bernoulli_` produced about
-75 million draws per second on the 2-core development machine, against about 200 million 31-bit
-integers per second from `random_()` on the same generator. With nanoGPT's Shakespeare
-dropout of 0.2 at 6x384 that difference was about a sixth of a training step (BENCHMARKS.md). So
-on CPU the mask here is drawn as integers and compared with a threshold; elsewhere (CUDA, where
-the fused kernels are fast) torch's own dropout and `scaled_dot_product_attention` run.
+71 million draws per second on the 2-core development machine, against about 178 million 31-bit
+integers per second from `random_()` on the same generator (`bench_training.bench_dropout`).
+With nanoGPT's Shakespeare dropout of 0.2 at 6x384 the draws were about a sixth of a training
+step (BENCHMARKS.md). So on CPU the mask here is drawn as integers and compared with a
+threshold; elsewhere (CUDA, where the fused kernels are fast) torch's own dropout and
+`scaled_dot_product_attention` run.
 
 The mask keeps an element with probability 1 - p' where p' = round(p * 2**31) / 2**31 (|p' - p|
 <= 2**-32, finer than a float32 uniform draw) and scales kept elements by 1 / (1 - p), as
