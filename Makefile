@@ -31,11 +31,14 @@ test: $(STAMP)
 # NANOGPT_DIR to a nanoGPT checkout to time its training step beside ours (per-step ratio,
 # each project in its own processes) and to compare the best validation loss of the CPU baby
 # run (2000 iterations each) and of nanoGPT's 6x384 Shakespeare config at batch 8
-# (BENCH_6X384_ITERS iterations: 200 by default; 2000 take hours on a 2-core CPU).
+# (BENCH_6X384_ITERS iterations: 200 by default; 2000 take hours on a 2-core CPU). Before the
+# generation timings, the float64 tests that the RoPE rolling cache is exact (what it computes:
+# README, "Generation past block_size") run, so the speed-up is shown beside its exactness.
 # The GPU check (benchmarks/gpu_check.sh) runs only where a GPU is.
 BENCH_6X384_ITERS ?= 200
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py $(if $(NANOGPT_DIR),--nanogpt_dir $(NANOGPT_DIR)) --json bench_training.json
+	$(PY) -m pytest -q tests/test_rope.py -k "rolling or recomputed_window"
 	$(PY) benchmarks/bench_generation.py
 	$(if $(NANOGPT_DIR),$(PY) benchmarks/bench_loss_vs_nanogpt.py --nanogpt_dir $(NANOGPT_DIR) --json bench_loss.json)
 	$(if $(NANOGPT_DIR),$(PY) benchmarks/bench_loss_vs_nanogpt.py --nanogpt_dir $(NANOGPT_DIR) --size 6x384 --iters $(BENCH_6X384_ITERS) --json bench_loss_6x384.json)

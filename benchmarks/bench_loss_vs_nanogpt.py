@@ -19,6 +19,7 @@ times are not a speed comparison (`bench_training.py` is).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -129,14 +130,13 @@ def main(argv=None) -> int:
     nanogpt_dir, data_dir = Path(args.nanogpt_dir), Path(args.data_dir)
     link_data(nanogpt_dir, data_dir)
     flags = SIZE_FLAGS[args.size]
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.work_dir:
-            tmp = args.work_dir
-            Path(tmp).mkdir(parents=True, exist_ok=True)
-        nano_dir, our_dir = Path(tmp) / "nano", Path(tmp) / "ours"
+    with contextlib.ExitStack() as cleanup:
+        work = Path(args.work_dir or cleanup.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        nano_dir, our_dir = work / "nano", work / "ours"
         runs = run_side_by_side({
             "nanogpt": (nanogpt_command(flags, args.iters, nano_dir), nanogpt_dir),
-            "blockloop": (blockloop_command(flags, args.iters, our_dir), REPO)}, Path(tmp))
+            "blockloop": (blockloop_command(flags, args.iters, our_dir), REPO)}, work)
         nano = nanogpt_result(*runs["nanogpt"])
         ours = blockloop_result(our_dir, runs["blockloop"][1])
     print("nanoGPT  ", nano, flush=True)

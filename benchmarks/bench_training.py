@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,13 +33,13 @@ import blockloop.dropout as dropout_module  # noqa: E402
 from blockloop.dropout import causal_attention, dropout  # noqa: E402
 from blockloop.model import GPT, GPTConfig  # noqa: E402
 from blockloop.runtime import keep_freed_memory  # noqa: E402
+from blockloop.stats import mean_interval  # noqa: E402
 
 BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False, dropout=0.0)
 BABY_BATCH = 12
 SHAKESPEARE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False, dropout=0.0)
 # nanoGPT's config/train_shakespeare_char.py trains this model with dropout 0.2.
 SHAKESPEARE_DROPOUT = {**SHAKESPEARE, "dropout": 0.2}
-SHAKESPEARE_BATCH = 64
 
 
 def measure_peak_flops(dtype=torch.float32, n=2048, repeats=5) -> float:
@@ -170,31 +172,54 @@ def bench_vs_nanogpt_processes(nanogpt_dir, config_name, rounds, steps) -> dict:
                 check=True, capture_output=True, text=True)
             times[project].append(float(out.stdout.split()[-1]))
     ours, theirs = statistics.median(times["blockloop"]), statistics.median(times["nanogpt"])
+    ratios = [n / b for b, n in zip(times["blockloop"], times["nanogpt"])]
     return {"blockloop_ms": ours, "nanogpt_ms": theirs, "speedup_vs_nanogpt": theirs / ours,
-            "rounds": rounds, "steps_per_process": steps,
-            "round_ratios": [n / b for b, n in zip(times["blockloop"], times["nanogpt"])]}
+            "rounds": rounds, "steps_per_process": steps, "round_ratios": ratios,
+            "median_round_ratio": statistics.median(ratios), **ratio_interval(ratios)}
+
+
+def ratio_interval(ratios) -> dict:
+    """Geometric mean of per-round speed ratios with its 95% t interval (on log ratios, so a
+    round twice as fast and one twice as slow cancel), and whether it clears issue 16's 1.10x."""
+    if len(ratios) < 2:
+        return {}
+    log = mean_interval(np.log(ratios))
+    mean, low, high = (math.exp(log[k]) for k in ("mean", "low", "high"))
+    return {"geometric_mean_ratio": mean, "ratio_95ci": [low, high],
+            "target_1.10x": "met" if mean >= 1.10 else "not met",
+            "interval_above_1.10x": low >= 1.10}
 
 
 def bench_loop_overhead(rounds) -> dict:
-    """A block looped to effective depth D against a plain D-layer model of the same width."""
-    base = dict(BABY)
-    torch.manual_seed(0)
-    looped = GPT(GPTConfig(**{**base, "n_layer": 2, "loop_center_idx": 1, "max_loops": 3}))
-    plain = GPT(GPTConfig(**{**base, "n_layer": 4}))
-    traced = GPT(GPTConfig(**{**base, "n_layer": 2, "loop_center_idx": 1, "max_loops": 3, "loops_representation": True}))
-    med = paired_times(
-        {
-            "looped_depth4": make_step(looped, BABY_BATCH, 64, 65),
-            "plain_depth4": make_step(plain, BABY_BATCH, 64, 65),
-            "looped_depth4_traced": make_step(traced, BABY_BATCH, 64, 65),
-        },
-        rounds,
-    )
+    """A block looped to effective depth D against a plain D-layer model of the same width, each
+    with the optimizer `blockloop train` builds (fused AdamW): at the baby size (2 blocks, one
+    looped 3 times, against 4 layers; also with the loop trace on) and at nanoGPT's 6x384
+    Shakespeare size with dropout 0.2 (4 blocks, one looped 3 times, against 6 layers; batch 8,
+    a third of the rounds)."""
+    def step(config, batch, **extra):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**config, **extra}))
+        return make_step(model, batch, config["block_size"], config["vocab_size"],
+                         opt=own_optimizer(model))
+
+    looped = dict(loop_center_idx=1, max_loops=3)
+    baby = paired_times({
+        "looped": step(BABY, BABY_BATCH, n_layer=2, **looped),
+        "plain": step(BABY, BABY_BATCH, n_layer=4),
+        "traced": step(BABY, BABY_BATCH, n_layer=2, loops_representation=True, **looped),
+    }, rounds)
+    big = paired_times({
+        "looped": step(SHAKESPEARE_DROPOUT, 8, n_layer=4, **looped),
+        "plain": step(SHAKESPEARE_DROPOUT, 8, n_layer=6),
+    }, max(3, rounds // 3), warmup=1)
     return {
-        "looped_ms": med["looped_depth4"] * 1e3,
-        "plain_ms": med["plain_depth4"] * 1e3,
-        "looped_over_plain": med["looped_depth4"] / med["plain_depth4"],
-        "trace_on_over_off": med["looped_depth4_traced"] / med["looped_depth4"],
+        "looped_ms": baby["looped"] * 1e3,
+        "plain_ms": baby["plain"] * 1e3,
+        "looped_over_plain": baby["looped"] / baby["plain"],
+        "trace_on_over_off": baby["traced"] / baby["looped"],
+        "6x384_dropout_looped_ms": big["looped"] * 1e3,
+        "6x384_dropout_plain_ms": big["plain"] * 1e3,
+        "6x384_dropout_looped_over_plain": big["looped"] / big["plain"],
     }
 
 
@@ -343,6 +368,7 @@ def main(argv=None) -> int:
         print(worker_step_ms(args.worker, args.nanogpt_dir, args.worker_config, args.worker_steps))
         return 0
     rounds = 5 if args.quick else 30
+    keep_freed_memory()  # as `blockloop train` sets up its process (the workers set their own)
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.nanogpt_dir:
         # As users run them: each project's training process (the bar of issue 16) ...

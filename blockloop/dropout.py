@@ -5,8 +5,9 @@ On CPU, torch's dropout spends most of its time drawing the mask: `bernoulli_` p
 integers per second from `random_()` on the same generator (`bench_training.bench_dropout`).
 With nanoGPT's Shakespeare dropout of 0.2 at 6x384 the draws were about a sixth of a training
 step (BENCHMARKS.md). So on CPU the mask here is drawn as integers and compared with a
-threshold; elsewhere (CUDA, where the fused kernels are fast) torch's own dropout and
-`scaled_dot_product_attention` run.
+threshold; elsewhere (CUDA, where the fused kernels are fast) and under `torch.compile` (whose
+generated code draws its own random numbers; the integer draw here would break the graph at every
+dropout) torch's own dropout and `scaled_dot_product_attention` run.
 
 The mask keeps an element with probability 1 - p' where p' = round(p * 2**31) / 2**31 (|p' - p|
 <= 2**-32, finer than a float32 uniform draw) and scales kept elements by 1 / (1 - p), as
@@ -30,6 +31,11 @@ _RANDOM_BITS = 31  # int32 `random_()` draws uniformly from [0, 2**31)
 QUERY_BLOCK = 64
 
 
+def _fast_cpu_path(x: torch.Tensor) -> bool:
+    """Whether the integer-threshold mask serves `x`: eager CPU only (module docstring)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """A bool CPU tensor of `shape`, each element True with probability 1 - p (see module)."""
     bits = torch.empty(shape, dtype=torch.int32).random_()
@@ -39,10 +45,11 @@ def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout of `x` (any shape): zero each element with probability p, scale the rest
     by 1 / (1 - p); `x` itself when not training or p == 0. Same shape and dtype as `x`.
-    CPU tensors use the integer-threshold mask (module docstring); others `F.dropout`."""
+    p must lie in [0, 1) (`GPTConfig` checks `dropout`; p == 1 would divide by zero here).
+    Eager CPU tensors use the integer-threshold mask (module docstring); others `F.dropout`."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if not _fast_cpu_path(x):
         return F.dropout(x, p, training=True)
     # mul_ on the product is safe for autograd: mul's backward keeps the mask, not its output.
     return (x * _keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))
@@ -67,13 +74,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
                      ) -> torch.Tensor:
     """Causal softmax attention with dropout on the attention weights, as
     `F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)` computes it.
-    q, k, v: (B, H, T, d) -> (B, H, T, d).
+    q, k, v: (B, H, T, d) -> (B, H, T, d): queries and keys are the same T positions (a training
+    forward; cached decoding has no dropout and takes `scaled_dot_product_attention` directly).
 
     On CPU with dropout_p > 0 torch has no fused kernel: its math fallback forms all T x T
     scores and draws their mask with `bernoulli_`. Here `_BlockCausalAttention` does it in query
-    blocks with the fast mask. Otherwise the call goes to `scaled_dot_product_attention`
-    (flash attention on CPU and CUDA)."""
-    if dropout_p == 0.0 or q.device.type != "cpu":
+    blocks with the fast mask. Otherwise (no dropout, not CPU, or under `torch.compile`) the call
+    goes to `scaled_dot_product_attention` (flash attention on CPU and CUDA)."""
+    if dropout_p == 0.0 or not _fast_cpu_path(q):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     B, H, T, d = q.shape
     q, k, v = (x.reshape(B * H, T, d) for x in (q, k, v))
@@ -105,7 +113,8 @@ class _BlockCausalAttention(torch.autograd.Function):
         future = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         out = torch.empty_like(q)
         saved = []
-        for start, end in _query_blocks(T):
+        ctx.blocks = _query_blocks(T)  # backward must walk the same blocks as this forward
+        for start, end in ctx.blocks:
             probs = torch.softmax(torch.baddbmm(future[start:end, :end], q[:, start:end],
                                                 k[:, :end].transpose(1, 2), alpha=scale), dim=-1)
             keep = _keep_mask(probs.shape, dropout_p)
@@ -121,7 +130,7 @@ class _BlockCausalAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, *saved = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for (start, end), probs, keep in zip(_query_blocks(q.shape[1]), saved[::2], saved[1::2]):
+        for (start, end), probs, keep in zip(ctx.blocks, saved[::2], saved[1::2]):
             weights = (probs * keep).mul_(ctx.rescale)
             block_dout = dout[:, start:end]
             # bmm into a fresh tensor, then add: bmm into a slice goes matrix by matrix.

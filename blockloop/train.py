@@ -64,6 +64,7 @@ from blockloop.pretrained import ROPE_ON_TRAINED_WEIGHTS, load_pretrained
 from blockloop.records import append_jsonl, code_identity, read_jsonl, write_jsonl
 from blockloop.runtime import (
     autocast_context,
+    device_type,
     dtype_reason,
     keep_freed_memory,
     mix_seed,
@@ -533,11 +534,11 @@ def pretrained_model(cfg: TrainConfig, model_overrides: dict) -> GPT:
 
 def build_optimizer(cfg: TrainConfig, start: Start, device: str, dtype: str):
     """(AdamW, gradient scaler) for the model, with their state when resuming."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    kernels = "cuda" if device.startswith("cuda") else "cpu"
     optimizer = start.model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), kernels
     )
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    scaler = torch.amp.GradScaler(kernels, enabled=(dtype == "float16"))
     checkpoint = start.checkpoint
     if checkpoint is not None:
         try:
@@ -566,6 +567,20 @@ def wrap_model(cfg: TrainConfig, model: GPT, dist: Distributed, device: str) -> 
             find_unused_parameters=may_skip_gradients(raw_model.config),
         )
     return model
+
+
+def speed_choices(cfg: TrainConfig, optimizer, model_config: GPTConfig, device: str) -> str:
+    """The training log's account of the per-step levers in use (issue 16): fused AdamW,
+    compile, and which dropout runs (blockloop's CPU masks in eager CPU training, torch's
+    elsewhere; `blockloop/dropout.py`)."""
+    fused = "fused" if optimizer.defaults.get("fused") else "multi-tensor"
+    if model_config.dropout == 0.0:
+        dropout = "no dropout"
+    elif device_type(device) == "cpu" and not cfg.compile:
+        dropout = f"dropout {model_config.dropout} with blockloop's CPU masks"
+    else:
+        dropout = f"dropout {model_config.dropout} with torch's kernels"
+    return f"AdamW {fused}; compile {'on' if cfg.compile else 'off'}; {dropout}"
 
 
 def eval_plan(cfg: TrainConfig, data: TrainingData, model_config: GPTConfig) -> tuple[dict, list]:
@@ -629,6 +644,7 @@ def setup(cfg: TrainConfig, model_overrides: dict, log=print) -> Trainer:
             f"(training); {t.tokens_per_iter:,} tokens/iteration; device {device}, dtype {dtype} "
             f"({dtype_reason(cfg.dtype, device)}); CPU allocator: {allocator}"
         )
+        log(f"speed: {speed_choices(cfg, optimizer, raw_model.config, device)}")
     if dist.master and cfg.progress and not cfg.eval_only:
         t.bar = tqdm(total=cfg.max_iters, initial=start.iter_num, desc="train",
                      dynamic_ncols=True, leave=False)

@@ -26,6 +26,8 @@ def tokens():
         dict(loop_center_idx=1, loop_radius=1, max_loops=2, tied_looping=False, loop_input_injection="concat"),
         dict(loop_center_idx=1, max_loops=4, loop_input_injection="add", loop_backprop_depth=2),
         {"loop_center_idx": 1, "max_loops": 2, "position_embedding": "rope"},
+        # Dropout on CPU: compiled code takes torch's dropout, not the eager integer mask.
+        dict(loop_center_idx=1, max_loops=2, dropout=0.2),
     ],
 )
 def test_fixed_loops_compile_without_graph_breaks(kw):

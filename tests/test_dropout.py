@@ -147,3 +147,29 @@ def test_attention_under_cpu_bf16_autocast_with_backward_outside(monkeypatch):
     torch.testing.assert_close(y.double(), reference.detach(), rtol=0.05, atol=0.05)
     for ours, ref in ((q, q64), (k, k64), (v, v64)):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=0.05, atol=0.05)
+
+
+def test_loop_checkpointing_with_dropout_recomputes_the_same_masks():
+    """`loop_checkpointing` recomputes each iteration in the backward pass; with dropout the
+    recomputation must draw the forward's masks again (checkpoint restores the generator),
+    or the gradients would belong to other masks than the loss."""
+    from blockloop.model import GPT, GPTConfig
+
+    def looped(checkpointing):
+        torch.manual_seed(0)
+        return GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=3, n_head=2, n_embd=16,
+                             dropout=0.2, loop_center_idx=1, max_loops=3,
+                             loop_input_injection="add", loop_checkpointing=checkpointing))
+
+    plain, checkpointed = looped(False), looped(True)
+    idx = torch.randint(0, 23, (2, 16), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(7)
+        loss = model(idx, idx)[1]
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)

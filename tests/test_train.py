@@ -165,6 +165,19 @@ def test_one_training_step_on_its_own(tmp_path):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("extra, want", [
+    (("--dropout=0.1",), "AdamW fused; compile off; dropout 0.1 with blockloop's CPU masks"),
+    (("--dropout=0.0",), "AdamW fused; compile off; no dropout"),
+    (("--dropout=0.1", "--compile=True"), "AdamW fused; compile on; dropout 0.1 with torch's kernels"),
+])
+def test_the_log_says_which_speed_levers_run(tmp_path, extra, want):
+    data = write_token_dataset(tmp_path / "data")
+    cfg, overrides = parse_train_args(tiny_args(data, tmp_path / "out", *extra))
+    lines = []
+    setup(cfg, overrides, log=lines.append)
+    assert f"speed: {want}" in lines
+
+
 def test_config_and_metrics_record_the_code_identity(tmp_path):
     data = write_token_dataset(tmp_path / "data")
     out = tmp_path / "out"
