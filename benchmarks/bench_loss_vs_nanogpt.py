@@ -8,8 +8,8 @@ train` side by side, one thread each, on the same prepared `data/shakespeare_cha
 the checkout as data/blockloop_shakespeare_char, so its own data is left alone), with nanoGPT's
 CPU baby settings (4 layers x 128, context 64, batch 12, no dropout, no compile) or, with
 `--size 6x384`, its Shakespeare config (6 layers x 384, context 256, dropout 0.2) at batch 8
-instead of 64, evaluated every 100 iterations on 20 batches (a 2000-iteration 6x384 run takes
-about two hours on a 2-core CPU: pass fewer `--iters`). The logs go to `--work_dir` (default: a
+instead of 64, evaluated every 100 iterations on 20 batches (a 2000-iteration 6x384 run took
+2.4 hours side by side on a 2-core CPU: pass fewer `--iters`). The logs go to `--work_dir` (default: a
 temporary folder), so a long run can be watched and its evaluations read if it is stopped. Reports each run's best validation loss, its wall time and
 the difference. The two draw different batches (each has its own sampler), so a difference of
 a few thousandths is expected from the data order alone; issue 16 asks for 0.02. The wall

@@ -99,9 +99,10 @@ def cpu_has_bf16_units() -> bool | None:
 def dtype_reason(dtype: str, device: str) -> str:
     """Why `resolve_dtype(dtype, device)` chose what it did, for the training log.
 
-    On the CPU "auto" is float32 even where the CPU has bf16 units: bf16 autocast is 2.5-2.8x
-    faster on such a CPU but about 5x slower on one without (BENCHMARKS.md), and its loss
-    parity with float32 on the CPU has not been benchmarked, so it is used only when asked."""
+    On the CPU "auto" is float32 even where the CPU has bf16 units: bf16 autocast made the 6x384
+    training step 2.5-2.8x faster on a CPU with AVX512-BF16 but 19x slower on an AVX2 CPU
+    without bf16 units (BENCHMARKS.md, "CPU bf16"), and its loss parity with float32 on the CPU
+    has not been benchmarked, so it is used only when asked."""
     if dtype != "auto":
         return "as set"
     if device_type(device) == "cuda":
